@@ -1,0 +1,35 @@
+# relaypipe — two commands on a fresh machine:
+#   make run    set up .venv if needed, then `dvc repro` the default (micro) preset
+#   make test   set up .venv if needed, then the test suite
+#
+# TORCH_SPEC picks the torch build installed before everything else. The default is the
+# CPU build; on a GPU machine override it, e.g. `make run TORCH_SPEC="torch==2.13.0"` with
+# PIP_EXTRA_INDEX_URL pointing at the CUDA wheels you want.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.relaypipe-installed
+
+.PHONY: run test lint setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)

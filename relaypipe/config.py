@@ -1,0 +1,87 @@
+"""Typed stage parameters from ``params.yaml`` sections, with errors that say where.
+
+``build(cls, mapping, where="params.yaml:bootstrap")`` turns a (nested) mapping into the
+dataclass ``cls``: unknown keys, missing required keys and wrong types fail with the dotted
+path of the offending key, so a typo in ``params.yaml`` never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A params section that does not match its dataclass."""
+
+
+def _check_scalar(value: Any, tp: Any, where: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got a boolean {value!r}")
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits no type")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _check_scalar(value, tp, where)
+
+
+def build(cls: type[T], mapping: Any, where: str) -> T:
+    """Instantiate dataclass ``cls`` from ``mapping``; ``where`` names it in errors."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {mapping!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in mapping:
+            kwargs[name] = _convert(mapping[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {name!r}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {err}") from err

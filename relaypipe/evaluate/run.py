@@ -1,0 +1,52 @@
+"""Run the relay decoder over a list of problems and grade the answers.
+
+The same prompt template and the same grader as training, so a number here means what the
+reward meant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.trace import RelayTrace
+from relaypipe.tasks.base import Problem, format_prompt
+from relaypipe.tasks.grading import is_correct
+
+
+@dataclass
+class Graded:
+    problem: Problem
+    trace: RelayTrace
+    completion: str  # generated text, student view, special tokens dropped
+    correct: bool
+
+
+def decode_problems(
+    decoder: RelayDecoder,
+    problems: Sequence[Problem],
+    config: RelayConfig,
+    batch_size: int = 64,
+    desc: str | None = None,
+) -> list[Graded]:
+    tok = decoder.tokenizer
+    out: list[Graded] = []
+    bar = tqdm(total=len(problems), desc=desc or config.mode, mininterval=2.0, leave=False)
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        prompts = [
+            tok(format_prompt(p.question), add_special_tokens=False).input_ids for p in chunk
+        ]
+        for p, tr in zip(chunk, decoder.decode(prompts, config), strict=True):
+            text = tok.decode(tr.token_ids, skip_special_tokens=True)
+            out.append(Graded(p, tr, text, is_correct(text, p.answer)))
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def accuracy(graded: Sequence[Graded]) -> float:
+    return sum(g.correct for g in graded) / len(graded) if graded else 0.0

@@ -1,0 +1,103 @@
+"""Train a causal LM from scratch on worked solutions (the bootstrap of the micro pair).
+
+Plain PyTorch on purpose: the models are tiny, the data is already tokenised, and a Trainer's
+machinery would cost more than the training itself on two CPU cores. The loss covers only the
+completion (solution + EOS), never the prompt, exactly as the later SFT stage does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from relaypipe.tasks.base import Problem, format_prompt
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def encode_examples(
+    problems: list[Problem], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + solution + EOS, prompt length) per problem."""
+    out = []
+    for p in problems:
+        prompt = tokenizer(format_prompt(p.question), add_special_tokens=False).input_ids
+        completion = tokenizer(p.solution, add_special_tokens=False).input_ids
+        out.append((prompt + completion + [tokenizer.eos_token_id], len(prompt)))
+    return out
+
+
+def collate(
+    batch: list[tuple[list[int], int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels (prompt and padding ignored)."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, L]
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)  # [B, L]
+    mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, L]
+    for i, (ids, prompt_len) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+        mask[i, : len(ids)] = 1
+    return input_ids, mask, labels
+
+
+def train_causal_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    spec: TrainSpec,
+    desc: str = "train",
+) -> dict[str, float]:
+    """Train ``model`` in place; returns the final smoothed loss and the wall time."""
+    examples = encode_examples(problems, tokenizer)
+    gen = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98)
+    )
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10 %
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    smoothed = float("nan")
+    start = time.perf_counter()
+    bar = tqdm(range(spec.steps), desc=desc, mininterval=2.0)
+    for step in bar:
+        idx = torch.randint(len(examples), (spec.batch_size,), generator=gen).tolist()
+        input_ids, mask, labels = collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        value = loss.item()
+        smoothed = value if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * value
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+    model.eval()
+    seconds = time.perf_counter() - start
+    log.info("%s: %d steps, loss %.4f, %.1f s", desc, spec.steps, smoothed, seconds)
+    return {"loss": smoothed, "seconds": seconds}

@@ -1,0 +1,346 @@
+"""The relay decoder: a batch of requests shared between a student and a teacher backend.
+
+Per request (DESIGN.md §1): the student samples until it closes a command (``</call>``), ends,
+or hits a bound. A command ``<call>n</call>`` hands the pen to the teacher, which continues the
+*teacher's view* (prompt + everything generated, commands removed) for up to ``n`` tokens; its
+tokens join both views and the student resumes. The student's view keeps its own command, so
+it knows it asked.
+
+The batch advances in rounds: all requests waiting for the student take one batched student
+call, then all requests waiting for the teacher take one batched teacher call. Requests never
+wait for a batch-mate's hand-off to finish inside a round, and every request has its own RNG,
+so sampling is reproducible for a seed.
+
+Modes:
+  relay          commands are honoured (within budgets)
+  student        commands are blocked: the student alone (the paper's teacher-free mode)
+  teacher        the teacher writes everything
+  random_router  each next token goes to the teacher with probability ``router_p``
+  fixed_help     every call gets ``fixed_n`` tokens whatever n it asked for
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from relaypipe.relay.backends import Backend, GenRequest, GenResult, Sampling
+from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN, MalformedCall, parse_call_body
+from relaypipe.relay.trace import CallEvent, HandOff, RelayTrace, Source, StopReason
+
+log = logging.getLogger(__name__)
+
+MODES = ("relay", "student", "teacher", "random_router", "fixed_help")
+_decode_ids = count()
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Bounds, budgets and mode of a relay decode."""
+
+    mode: str = "relay"  # one of MODES
+    max_new_tokens: int = 256  # generated tokens per request, all sources together
+    max_turns: int = 32  # student rounds per request
+    max_call_tokens: int = 64  # the largest n one call is granted; larger requests are clipped
+    max_teacher_tokens: int | None = None  # per-request teacher-token budget (None: unbounded)
+    max_calls: int | None = None  # per-request call budget (None: unbounded)
+    router_p: float = 0.0  # random_router: probability that a token is the teacher's
+    fixed_n: int = 8  # fixed_help: tokens granted per call
+    student_sampling: Sampling = field(default_factory=Sampling)
+    teacher_sampling: Sampling = field(default_factory=Sampling)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        for name in ("max_new_tokens", "max_turns", "max_call_tokens", "fixed_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_teacher_tokens", "max_calls"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        if not 0.0 <= self.router_p <= 1.0:
+            raise ValueError(f"router_p must be in [0, 1], got {self.router_p}")
+
+
+@dataclass
+class _State:
+    trace: RelayTrace
+    student_gen: torch.Generator
+    teacher_gen: torch.Generator
+    router: random.Random
+    key: tuple[int, int]
+    phase: str = "student"  # "student" | "teacher" | "done"
+    grant: int = 0  # tokens granted to the pending teacher call
+    requested: int = 0
+    next_router_switch: int = 0  # random_router: generated-token index of the next teacher token
+    started: float = 0.0
+
+
+class RelayDecoder:
+    """Decode prompts with a student and a teacher that share one vocabulary."""
+
+    def __init__(
+        self,
+        student: Backend,
+        teacher: Backend,
+        tokenizer: PreTrainedTokenizerBase,
+        config: RelayConfig | None = None,
+    ):
+        self.student = student
+        self.teacher = teacher
+        self.tokenizer = tokenizer
+        self.config = config or RelayConfig()
+        ids = tokenizer.convert_tokens_to_ids([CALL_OPEN, CALL_CLOSE])
+        unk = tokenizer.unk_token_id
+        if any(i is None or (unk is not None and i == unk) for i in ids):
+            raise ValueError(
+                f"the tokenizer does not know {CALL_OPEN!r}/{CALL_CLOSE!r} as tokens; add them "
+                "with relaypipe.models.add_call_tokens() before decoding"
+            )
+        self.open_id, self.close_id = ids
+
+    # ------------------------------------------------------------------ public API
+    def decode(
+        self, prompts: Sequence[Sequence[int]], config: RelayConfig | None = None
+    ) -> list[RelayTrace]:
+        """Relay-decode a batch of tokenised prompts; one trace per prompt, in order."""
+        cfg = config or self.config
+        batch_id = next(_decode_ids)
+        t0 = time.perf_counter()
+        states = [self._new_state(i, list(p), cfg, batch_id, t0) for i, p in enumerate(prompts)]
+        try:
+            while True:
+                waiting_student = [s for s in states if s.phase == "student"]
+                waiting_teacher = [s for s in states if s.phase == "teacher"]
+                if not waiting_student and not waiting_teacher:
+                    break
+                if waiting_student:
+                    self._student_round(waiting_student, cfg)
+                if waiting_teacher:
+                    self._teacher_round(waiting_teacher, cfg)
+        finally:
+            for s in states:
+                self.student.release(s.key)
+                self.teacher.release(s.key)
+        return [s.trace for s in states]
+
+    def decode_text(
+        self, prompts: Sequence[str], config: RelayConfig | None = None
+    ) -> list[RelayTrace]:
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        return self.decode(ids, config)
+
+    # ------------------------------------------------------------------ internals
+    def _new_state(
+        self, i: int, prompt: list[int], cfg: RelayConfig, batch_id: int, t0: float
+    ) -> _State:
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        base = cfg.seed * 1_000_003 + i
+        st = _State(
+            trace=RelayTrace(request_id=i, prompt_ids=prompt),
+            student_gen=torch.Generator().manual_seed(2 * base),
+            teacher_gen=torch.Generator().manual_seed(2 * base + 1),
+            router=random.Random(f"router/{cfg.seed}/{i}"),
+            key=(batch_id, i),
+            started=t0,
+        )
+        if cfg.mode == "teacher":
+            st.phase, st.grant, st.requested = "teacher", cfg.max_new_tokens, cfg.max_new_tokens
+        elif cfg.mode == "random_router":
+            st.next_router_switch = self._draw_student_run(st, cfg)
+        return st
+
+    @staticmethod
+    def _draw_student_run(st: _State, cfg: RelayConfig) -> int:
+        """Index of the next token the router gives to the teacher (geometric gaps)."""
+        i = len(st.trace.token_ids)
+        while i < cfg.max_new_tokens and st.router.random() >= cfg.router_p:
+            i += 1
+        return i
+
+    def _finish(self, st: _State, reason: str) -> None:
+        st.phase = "done"
+        st.trace.stop_reason = reason
+        st.trace.seconds = time.perf_counter() - st.started
+
+    def _room(self, st: _State, cfg: RelayConfig) -> int:
+        return cfg.max_new_tokens - len(st.trace.token_ids)
+
+    def _student_round(self, states: list[_State], cfg: RelayConfig) -> None:
+        reqs, asked = [], []
+        for st in states:
+            limit = self._room(st, cfg)
+            if cfg.mode == "random_router":
+                limit = min(limit, st.next_router_switch - len(st.trace.token_ids))
+                if limit <= 0:  # the router gives the very next token to the teacher
+                    self._route_to_teacher(st, cfg)
+                    continue
+            asked.append(st)
+            reqs.append(
+                GenRequest(
+                    key=st.key,
+                    context=st.trace.prompt_ids + st.trace.token_ids,
+                    max_new_tokens=limit,
+                    generator=st.student_gen,
+                )
+            )
+        results = self.student.generate(
+            reqs, stop_token_ids=frozenset([self.close_id]), sampling=cfg.student_sampling
+        )
+        for st, res in zip(asked, results, strict=True):
+            self._after_student(st, res, cfg)
+
+    def _route_to_teacher(self, st: _State, cfg: RelayConfig) -> None:
+        """random_router: the next token is the teacher's, and each further one with p."""
+        room = self._room(st, cfg)
+        run = 1
+        while run < room and st.router.random() < cfg.router_p:
+            run += 1
+        st.phase, st.grant, st.requested = "teacher", run, run
+
+    def _after_student(self, st: _State, res: GenResult, cfg: RelayConfig) -> None:
+        tr = st.trace
+        tr.turns += 1
+        tr.student_prefill_tokens += res.prefill_tokens
+        start = len(tr.token_ids)
+        tr.token_ids.extend(res.tokens)
+        tr.sources.extend([Source.STUDENT] * len(res.tokens))
+        if res.finish == "error":
+            self._finish(st, StopReason.TEACHER_ERROR)
+            return
+        if res.finish == "stop":
+            self._handle_command(st, cfg, turn_start=start)
+        elif res.finish == "eos":
+            self._mark_unterminated(st)
+            self._finish(st, StopReason.STUDENT_EOS)
+            return
+        room = self._room(st, cfg)
+        if st.phase == "teacher":
+            return
+        if room <= 0:
+            self._mark_unterminated(st)
+            self._finish(st, StopReason.MAX_NEW_TOKENS)
+        elif cfg.mode == "random_router":
+            if len(tr.token_ids) >= st.next_router_switch:
+                self._route_to_teacher(st, cfg)
+        elif tr.turns >= cfg.max_turns:
+            self._finish(st, StopReason.MAX_TURNS)
+
+    def _open_index(self, st: _State) -> int | None:
+        """Index of the last ``<call>`` the student wrote that is not yet part of a command."""
+        tr = st.trace
+        for j in range(len(tr.token_ids) - 1, -1, -1):
+            if tr.sources[j] != Source.STUDENT:
+                return None
+            if tr.token_ids[j] == self.open_id:
+                return j
+        return None
+
+    def _mark_unterminated(self, st: _State) -> None:
+        j = self._open_index(st)
+        if j is None:
+            return
+        tr = st.trace
+        for k in range(j, len(tr.token_ids)):
+            tr.sources[k] = Source.COMMAND
+        tr.events.append(
+            CallEvent(len(tr.token_ids) - 1, "unterminated", f"{CALL_OPEN} never closed")
+        )
+
+    def _handle_command(self, st: _State, cfg: RelayConfig, turn_start: int) -> None:
+        tr = st.trace
+        close = len(tr.token_ids) - 1
+        tr.sources[close] = Source.COMMAND
+        # The open tag must be in the student's own run right before the close tag.
+        body_start = close
+        while body_start > 0 and tr.sources[body_start - 1] == Source.STUDENT:
+            body_start -= 1
+        run = tr.token_ids[body_start:close]
+        opens = [body_start + k for k, t in enumerate(run) if t == self.open_id]
+        if not opens:
+            tr.events.append(CallEvent(close, "malformed", f"{CALL_CLOSE} without {CALL_OPEN}"))
+            return
+        open_at = opens[-1]
+        for k in range(opens[0], close):
+            tr.sources[k] = Source.COMMAND
+        body = self.tokenizer.decode(tr.token_ids[open_at + 1 : close])
+        if len(opens) > 1:
+            tr.events.append(CallEvent(close, "malformed", "nested call command"))
+            return
+        try:
+            n = parse_call_body(body)
+        except MalformedCall as err:
+            tr.events.append(CallEvent(close, "malformed", str(err)))
+            return
+        if n == 0:
+            return  # "no call": the student goes on
+        if cfg.mode in ("student", "random_router"):
+            tr.events.append(
+                CallEvent(close, "blocked", f"call for {n} blocked in {cfg.mode} mode")
+            )
+            return
+        requested = cfg.fixed_n if cfg.mode == "fixed_help" else n
+        if cfg.max_calls is not None and tr.calls >= cfg.max_calls:
+            tr.events.append(CallEvent(close, "budget", f"call budget {cfg.max_calls} spent"))
+            return
+        limits = {"max_call_tokens": cfg.max_call_tokens, "max_new_tokens": self._room(st, cfg)}
+        if cfg.max_teacher_tokens is not None:
+            limits["max_teacher_tokens"] = cfg.max_teacher_tokens - tr.n_teacher
+        bound, limit = min(limits.items(), key=lambda kv: kv[1])
+        if limit <= 0:
+            tr.events.append(CallEvent(close, "budget", f"{bound} leaves no room for {n} tokens"))
+            return
+        if requested > limit:
+            tr.events.append(CallEvent(close, "clipped", f"{requested} -> {limit} by {bound}"))
+        st.phase, st.requested, st.grant = "teacher", requested, min(requested, limit)
+
+    def _teacher_round(self, states: list[_State], cfg: RelayConfig) -> None:
+        reqs = []
+        for st in states:
+            reqs.append(
+                GenRequest(
+                    key=st.key,
+                    context=st.trace.teacher_view_ids(),
+                    max_new_tokens=st.grant,
+                    generator=st.teacher_gen,
+                )
+            )
+        t = time.perf_counter()
+        results = self.teacher.generate(reqs, sampling=cfg.teacher_sampling)
+        seconds = time.perf_counter() - t
+        for st, req, res in zip(states, reqs, results, strict=True):
+            tr = st.trace
+            start = len(tr.token_ids)
+            tr.token_ids.extend(res.tokens)
+            tr.sources.extend([Source.TEACHER] * len(res.tokens))
+            tr.handoffs.append(
+                HandOff(
+                    start=start,
+                    requested=st.requested,
+                    granted=st.grant,
+                    delivered=len(res.tokens),
+                    prefill_tokens=res.prefill_tokens,
+                    context_tokens=len(req.context),
+                    seconds=seconds,
+                )
+            )
+            if res.finish == "error":
+                tr.events.append(CallEvent(start, "teacher_error", res.error or "teacher failed"))
+            if res.finish == "eos":
+                self._finish(st, StopReason.TEACHER_EOS)
+            elif self._room(st, cfg) <= 0:
+                self._finish(st, StopReason.MAX_NEW_TOKENS)
+            else:
+                st.phase = "student"
+                if cfg.mode == "random_router":
+                    st.next_router_switch = self._draw_student_run(st, cfg)

@@ -1,0 +1,77 @@
+"""The call command: ``<call>n</call>`` asks the teacher for ``n`` tokens.
+
+Three operations, all on text: :func:`format_call` writes a command, :func:`parse_call_body`
+reads the ``n`` between the tags (strictly: a malformed or absurd body raises
+:class:`MalformedCall` with the reason), and :func:`strip_calls` removes every command, well
+formed or not, so the teacher never sees one. ``n == 0`` is a valid command meaning "no call".
+"""
+
+from __future__ import annotations
+
+import re
+
+CALL_OPEN = "<call>"
+CALL_CLOSE = "</call>"
+# More digits than this is absurd for a per-call token count and is refused outright, which
+# also keeps int() away from pathological inputs.
+MAX_CALL_DIGITS = 6
+
+_BODY = re.compile(r"\s*(\d+)\s*")
+# Non-greedy: a nested "<call>3<call>2</call>" is removed whole up to its first close tag.
+_COMMAND = re.compile(re.escape(CALL_OPEN) + r".*?" + re.escape(CALL_CLOSE), re.DOTALL)
+_STRAY_TAG = re.compile(re.escape(CALL_OPEN) + "|" + re.escape(CALL_CLOSE))
+
+
+class MalformedCall(ValueError):
+    """A call command whose body is not a non-negative integer token count."""
+
+
+def format_call(n: int) -> str:
+    """The command asking for ``n`` teacher tokens.
+
+    >>> format_call(12)
+    '<call>12</call>'
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"a call asks for a non-negative integer number of tokens, got {n!r}")
+    return f"{CALL_OPEN}{n}{CALL_CLOSE}"
+
+
+def parse_call_body(body: str) -> int:
+    """The ``n`` of a command body (the text between the tags).
+
+    >>> parse_call_body("8")
+    8
+    >>> parse_call_body("-3")
+    Traceback (most recent call last):
+    ...
+    relaypipe.relay.grammar.MalformedCall: call body '-3' is not a non-negative integer
+    """
+    if CALL_OPEN in body or CALL_CLOSE in body:
+        raise MalformedCall(f"nested call command in body {body!r}")
+    m = _BODY.fullmatch(body)
+    if m is None:
+        if not body.strip():
+            raise MalformedCall("empty call body: expected a token count such as <call>8</call>")
+        raise MalformedCall(f"call body {body!r} is not a non-negative integer")
+    digits = m.group(1)
+    if len(digits.lstrip("0")) > MAX_CALL_DIGITS:
+        raise MalformedCall(f"call body {digits[:12]!r}... has more than {MAX_CALL_DIGITS} digits")
+    return int(digits)
+
+
+def parse_call(text: str) -> int:
+    """Parse one complete command ``<call>n</call>`` (surrounding whitespace allowed)."""
+    s = text.strip()
+    if not (s.startswith(CALL_OPEN) and s.endswith(CALL_CLOSE)):
+        raise MalformedCall(f"{text!r} is not of the form {CALL_OPEN}n{CALL_CLOSE}")
+    return parse_call_body(s[len(CALL_OPEN) : -len(CALL_CLOSE)])
+
+
+def strip_calls(text: str) -> str:
+    """``text`` with every call command, and any stray tag, removed: the teacher's view.
+
+    >>> strip_calls("12+7=<call>4</call>19")
+    '12+7=19'
+    """
+    return _STRAY_TAG.sub("", _COMMAND.sub("", text))

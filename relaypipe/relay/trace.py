@@ -1,0 +1,113 @@
+"""Typed results of a relay decode: every generated token with its provenance.
+
+A :class:`RelayTrace` is the one record the rest of relaypipe reads: training turns it into
+completion ids and an ``env_mask``; evaluation and cost accounting read its counts and
+hand-offs. Token lists are in the *student's* view (commands included); the teacher's view is
+the same list with command tokens dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Source(IntEnum):
+    """Who wrote a generated token."""
+
+    STUDENT = 0
+    TEACHER = 1
+    COMMAND = 2  # part of a call command (written by the student, never shown to the teacher)
+
+
+class StopReason:
+    STUDENT_EOS = "student_eos"
+    TEACHER_EOS = "teacher_eos"
+    MAX_NEW_TOKENS = "max_new_tokens"
+    MAX_TURNS = "max_turns"
+    TEACHER_ERROR = "teacher_error"
+
+
+@dataclass
+class HandOff:
+    """One span written by the teacher."""
+
+    start: int  # index into RelayTrace.token_ids of the span's first token
+    requested: int  # the n the student asked for (after fixed_help substitution)
+    granted: int  # n after clipping by budgets and bounds
+    delivered: int  # tokens the teacher actually returned (may stop early at EOS)
+    prefill_tokens: int  # context tokens the teacher processed for this call (with its cache)
+    context_tokens: int  # full teacher-view context at the call (what an uncached teacher reads)
+    seconds: float = 0.0  # wall time of the teacher call (shared by the batch it ran in)
+
+
+@dataclass
+class CallEvent:
+    """Something notable about a command: malformed, clipped, refused by a budget or a mode."""
+
+    position: int  # index into RelayTrace.token_ids of the command's closing tag (or last token)
+    kind: str  # "malformed" | "clipped" | "budget" | "blocked" | "unterminated" | "teacher_error"
+    detail: str
+
+
+@dataclass
+class RelayTrace:
+    """The outcome of one request."""
+
+    request_id: int
+    prompt_ids: list[int]  # [P]
+    token_ids: list[int] = field(default_factory=list)  # [T] generated, student view
+    sources: list[int] = field(default_factory=list)  # [T] Source of each generated token
+    handoffs: list[HandOff] = field(default_factory=list)
+    events: list[CallEvent] = field(default_factory=list)
+    stop_reason: str = ""
+    turns: int = 0  # student generation rounds
+    student_prefill_tokens: int = 0  # context tokens the student processed over all its rounds
+    seconds: float = 0.0  # wall time from the batch start until this request finished
+
+    def count(self, source: Source) -> int:
+        return sum(1 for s in self.sources if s == source)
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def n_teacher(self) -> int:
+        return self.count(Source.TEACHER)
+
+    @property
+    def n_student(self) -> int:
+        """Tokens the student wrote, its commands included."""
+        return self.n_generated - self.n_teacher
+
+    @property
+    def n_command(self) -> int:
+        return self.count(Source.COMMAND)
+
+    @property
+    def calls(self) -> int:
+        """Hand-offs that actually ran (a command refused by a budget is not a call)."""
+        return len(self.handoffs)
+
+    @property
+    def call_ratio(self) -> float:
+        """Teacher-generated tokens over all generated tokens (the paper's cost measure)."""
+        return self.n_teacher / self.n_generated if self.token_ids else 0.0
+
+    @property
+    def teacher_prefill_tokens(self) -> int:
+        return sum(h.prefill_tokens for h in self.handoffs)
+
+    @property
+    def teacher_context_tokens(self) -> int:
+        return sum(h.context_tokens for h in self.handoffs)
+
+    def teacher_view_ids(self) -> list[int]:
+        """Prompt plus generated tokens without commands: what the teacher sees."""
+        kept = [t for t, s in zip(self.token_ids, self.sources, strict=True) if s != Source.COMMAND]
+        return self.prompt_ids + kept
+
+    def teacher_mask(self) -> list[int]:
+        """[T] 1 where the teacher wrote the token: the tokens to keep out of a policy loss."""
+        return [int(s == Source.TEACHER) for s in self.sources]

@@ -1,0 +1,99 @@
+"""The contracts between pipeline stages: one pandera model per kind of table.
+
+A stage writes a table with ``relaypipe.io.write_table(df, path, SomeSchema)`` and the next one
+reads it with ``read_table(path, SomeSchema)``; both validate, so a producer cannot hand on a
+broken table and a consumer cannot silently read a stale one.
+
+To add a contract, subclass the closest existing model (fields and checks are inherited), e.g.
+a filtered problem table is ``class FilteredProblemSchema(ProblemSchema)`` plus one column.
+Models set ``strict = True`` (no unexpected columns: a renamed column fails loudly instead of
+being dropped) and ``coerce = True`` (Parquet/JSONL round trips may widen or narrow dtypes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Final
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from relaypipe.tasks.base import Problem
+
+__all__ = [
+    "PROBLEM_COLUMNS",
+    "SPLITS",
+    "ProblemSchema",
+    "frame_to_problems",
+    "problems_to_frame",
+]
+
+# train: warm-up / RL data; eval: held out for model selection during training;
+# benchmark: the final reported numbers, never looked at before the end.
+SPLITS: Final[tuple[str, ...]] = ("train", "eval", "benchmark")
+
+# The Problem dataclass's fields, in declaration order (problem tables start with these).
+PROBLEM_COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in fields(Problem))
+
+
+class ProblemSchema(pa.DataFrameModel):
+    """Problems of one split: one row per ``relaypipe.tasks.base.Problem``, plus its split.
+
+    Written by the data-preparation stage; read by warm-up data building, teacher filtering
+    and evaluation.
+    """
+
+    # Unique within the table: later tables (rollouts, eval requests) join back on it.
+    problem_id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    # The task that generated the problem ("arith", "gsm8k", ...); selects the grader.
+    task: Series[str] = pa.Field(str_length={"min_value": 1})
+    # Task-specific difficulty knob; 0 when the source has none.
+    difficulty: Series[int] = pa.Field(ge=0)
+    # The question text shown in the prompt; blank questions are checked by `_not_blank`.
+    question: Series[str]
+    # The canonical final answer as text; graders compare against it, so it cannot be blank.
+    answer: Series[str]
+    # A worked solution ending in "Answer: <answer>"; "" when the source has none.
+    solution: Series[str]
+    # Which split the row belongs to; one of SPLITS.
+    split: Series[str] = pa.Field(isin=list(SPLITS))
+
+    @pa.check("question", "answer", name="not_blank")
+    @classmethod
+    def _not_blank(cls, series: Series[str]) -> Series[bool]:
+        # str_length(min_value=1) would accept "  "; a whitespace-only question or answer is
+        # as useless as an empty one.
+        return series.str.strip().str.len() > 0
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+def problems_to_frame(problems: list[Problem], split: str) -> pd.DataFrame:
+    """A ProblemSchema-shaped frame (not yet validated: ``write_table`` does that) for one split."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    columns = [*PROBLEM_COLUMNS, "split"]
+    rows = [{**problem.to_row(), "split": split} for problem in problems]
+    # columns= keeps the column set (and order) even for an empty list.
+    return pd.DataFrame(rows, columns=columns)
+
+
+def frame_to_problems(df: pd.DataFrame) -> list[Problem]:
+    """The Problems in a problem table, in row order.
+
+    Columns beyond the Problem fields (``split``, or those a subclass schema adds) are ignored,
+    so this works on any table derived from ProblemSchema.
+    """
+    missing = [column for column in PROBLEM_COLUMNS if column not in df.columns]
+    if missing:
+        raise ValueError(f"not a problem table: missing column(s) {', '.join(missing)}")
+    problems = []
+    for record in df[list(PROBLEM_COLUMNS)].to_dict(orient="records"):
+        # Parquet hands back numpy integers; Problem promises a plain int (it is hashed,
+        # JSON-dumped and compared by other stages).
+        record["difficulty"] = int(record["difficulty"])
+        problems.append(Problem(**record))
+    return problems

@@ -1,0 +1,74 @@
+"""The micro task: chained multi-digit addition with explicit intermediate steps.
+
+A problem adds ``terms`` numbers of ``difficulty`` digits each; the worked solution writes one
+partial sum per line and ends with the answer line::
+
+    Q: 47+85+29
+    A: 47+85=132
+    132+29=161
+    Answer: 161
+
+Every partial sum depends on carries that a very small transformer gets wrong now and then,
+while a larger one learns them reliably: exactly the "few hard tokens" a student should borrow
+from a teacher. Generation is seeded and independent of the other problems asked for, so the
+same (seed, split, index) always yields the same problem.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from relaypipe.tasks.base import ANSWER_PREFIX, Problem
+
+TASK_NAME = "arith"
+
+
+@dataclass(frozen=True)
+class ArithSpec:
+    """How to draw problems; ``difficulty`` is the number of digits per operand."""
+
+    difficulty: int = 2  # digits per operand
+    terms: int = 3  # numbers added per problem
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.difficulty <= 12:
+            raise ValueError(f"arith difficulty must be 1..12 digits, got {self.difficulty}")
+        if not 2 <= self.terms <= 8:
+            raise ValueError(f"arith terms must be 2..8, got {self.terms}")
+
+    @property
+    def name(self) -> str:
+        return f"{TASK_NAME}-d{self.difficulty}t{self.terms}"
+
+
+def worked_solution(operands: list[int]) -> tuple[str, str]:
+    """The canonical step-by-step solution and the final answer for a list of operands."""
+    lines = []
+    total = operands[0]
+    for x in operands[1:]:
+        lines.append(f"{total}+{x}={total + x}")
+        total += x
+    lines.append(f"{ANSWER_PREFIX}{total}")
+    return "\n".join(lines), str(total)
+
+
+def make_problem(spec: ArithSpec, seed: int, split: str, index: int) -> Problem:
+    # A string seed keeps problems independent of how many others were drawn before them.
+    rng = random.Random(f"{seed}/{split}/{spec.name}/{index}")
+    low = 10 ** (spec.difficulty - 1) if spec.difficulty > 1 else 0
+    operands = [rng.randint(low, 10**spec.difficulty - 1) for _ in range(spec.terms)]
+    solution, answer = worked_solution(operands)
+    return Problem(
+        problem_id=f"{spec.name}-{split}-{index:06d}",
+        task=TASK_NAME,
+        difficulty=spec.difficulty,
+        question="+".join(str(x) for x in operands),
+        answer=answer,
+        solution=solution,
+    )
+
+
+def generate(spec: ArithSpec, n: int, seed: int, split: str) -> list[Problem]:
+    """``n`` seeded problems for ``split``; train and eval splits never share a question."""
+    return [make_problem(spec, seed, split, i) for i in range(n)]
