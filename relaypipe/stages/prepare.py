@@ -1,6 +1,6 @@
 """Stage ``prepare``: write the train and eval problem tables.
 
-Run: ``python -m relaypipe.stages.prepare`` (reads ``params.yaml:prepare``) or ``dvc repro prepare``.
+Run: ``python -m relaypipe.stages.prepare`` (reads ``params.yaml:prepare``), ``dvc repro prepare``.
 Writes ``data/problems/train.parquet`` and ``data/problems/eval.parquet`` (ProblemSchema).
 Eval questions never occur in train: colliding train draws are skipped and replaced.
 """

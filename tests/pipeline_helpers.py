@@ -1,0 +1,76 @@
+"""Build a throwaway git + DVC repository holding this project's pipeline, with small params."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool_env() -> dict[str, str]:
+    """The environment stage commands run in: this interpreter's ``python`` and ``dvc`` first."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("GIT_AUTHOR_NAME", "relaypipe test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@relaypipe.local")
+    env["GIT_COMMITTER_NAME"] = env["GIT_AUTHOR_NAME"]
+    env["GIT_COMMITTER_EMAIL"] = env["GIT_AUTHOR_EMAIL"]
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode})\nstdout:\n{proc.stdout[-3000:]}"
+            f"\nstderr:\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+SMALL_PARAMS: dict[str, Any] = {
+    "prepare": {"n_train": 300, "n_eval": 24},
+    "bootstrap": {
+        "student": {"hidden_size": 16, "intermediate_size": 32},
+        "teacher": {"hidden_size": 32, "layers": 1, "intermediate_size": 64},
+        "student_train": {"steps": 4, "batch_size": 8},
+        "teacher_train": {"steps": 6, "batch_size": 8},
+        "max_new_tokens": 40,
+        "eval_batch_size": 12,
+    },
+}
+
+
+def make_repo(dest: Path, params: dict[str, Any] | None = None) -> Path:
+    """A git repo with dvc.yaml, shrunk params.yaml and a copy of the package (stage deps)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "relaypipe", dest / "relaypipe", ignore=shutil.ignore_patterns("__pycache__"))
+    full = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(
+        yaml.safe_dump(deep_update(full, params if params is not None else SMALL_PARAMS))
+    )
+    sh("git", "init", "-q", "-b", "main", cwd=dest)
+    sh("dvc", "init", "-q", cwd=dest)
+    sh("dvc", "config", "core.analytics", "false", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-qm", "pipeline", cwd=dest)
+    return dest

@@ -1,0 +1,79 @@
+"""A real ``dvc repro`` of the pipeline in a temporary git repository, with shrunk params."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.pipeline_helpers import make_repo, sh
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    path = make_repo(tmp_path_factory.mktemp("pipeline"))
+    sh("dvc", "repro", cwd=path)
+    return path
+
+
+def test_repro_writes_every_artifact(repo):
+    train = pd.read_parquet(repo / "data/problems/train.parquet")
+    evaluation = pd.read_parquet(repo / "data/problems/eval.parquet")
+    assert len(train) == 300 and len(evaluation) == 24
+    assert not set(train.question) & set(evaluation.question)
+    for role in ("student", "teacher"):
+        assert (repo / f"data/models/{role}/model.safetensors").is_file()
+        assert (repo / f"data/models/{role}/tokenizer.json").is_file()
+    metrics = json.loads((repo / "data/models/bootstrap.json").read_text())
+    assert metrics["n_eval"] == 24
+    assert 0.0 <= metrics["student_accuracy"] <= 1.0 and 0.0 <= metrics["teacher_accuracy"] <= 1.0
+    assert metrics["teacher_params"] > metrics["student_params"]
+
+
+def test_second_repro_does_nothing_and_a_param_change_reruns_only_its_stage(repo):
+    again = sh("dvc", "repro", cwd=repo)
+    assert "didn't change, skipping" in again.stdout
+    assert "Running stage" not in again.stdout
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["bootstrap"]["teacher_train"]["steps"] = 7
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = sh("dvc", "repro", cwd=repo)
+    assert "Running stage 'bootstrap'" in changed.stdout
+    assert "Running stage 'prepare'" not in changed.stdout
+    assert sh("dvc", "status", cwd=repo).stdout.strip() in ("", "Data and pipelines are up to date.")
+
+
+def test_stage_refuses_a_table_that_violates_its_schema(repo, tmp_path):
+    bad = pd.read_parquet(repo / "data/problems/train.parquet")
+    bad.loc[3, "difficulty"] = -1
+    problems = tmp_path / "problems"
+    problems.mkdir()
+    bad.to_parquet(problems / "train.parquet")
+    pd.read_parquet(repo / "data/problems/eval.parquet").to_parquet(problems / "eval.parquet")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["bootstrap"]["problems_dir"] = str(problems)
+    params["bootstrap"]["out_dir"] = str(tmp_path / "models")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = sh(
+        "python", "-m", "relaypipe.stages.bootstrap", "--params", str(tmp_path / "params.yaml"),
+        cwd=repo, check=False,
+    )
+    assert proc.returncode != 0
+    assert "train.parquet" in proc.stderr and "difficulty" in proc.stderr and "row 3" in proc.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_malformed_params_fail_with_the_key_named(repo, tmp_path):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["bootstrap"]["teacher_train"]["stepz"] = 5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = sh(
+        "python", "-m", "relaypipe.stages.bootstrap", "--params", str(tmp_path / "params.yaml"),
+        cwd=repo, check=False,
+    )
+    assert proc.returncode != 0
+    assert "bootstrap.teacher_train: unknown key(s) stepz" in proc.stderr
