@@ -27,7 +27,9 @@ def _decode_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a question (repeatable)")
     src.add_argument("--prompts-file", type=Path, help="a text file, one question per line")
-    p.add_argument("--raw", action="store_true", help="send prompts as-is, without the Q:/A: template")
+    p.add_argument(
+        "--raw", action="store_true", help="send prompts as-is, without the Q:/A: template"
+    )
     p.add_argument("--mode", choices=MODES, default="relay")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-turns", type=int, default=32)

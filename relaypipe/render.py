@@ -12,7 +12,9 @@ COLOURS = {Source.TEACHER: "\033[1;36m", Source.COMMAND: "\033[2;33m"}
 RESET = "\033[0m"
 
 
-def render_trace(trace: RelayTrace, tokenizer: PreTrainedTokenizerBase, colour: bool = False) -> str:
+def render_trace(
+    trace: RelayTrace, tokenizer: PreTrainedTokenizerBase, colour: bool = False
+) -> str:
     """The generated text with each teacher span wrapped in ⟦…⟧ (and coloured on a tty)."""
     pieces: list[str] = []
     i, ids, src = 0, trace.token_ids, trace.sources

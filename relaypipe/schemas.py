@@ -24,7 +24,9 @@ from relaypipe.tasks.base import Problem
 __all__ = [
     "PROBLEM_COLUMNS",
     "SPLITS",
+    "FilteredProblemSchema",
     "ProblemSchema",
+    "SFTExampleSchema",
     "frame_to_problems",
     "problems_to_frame",
 ]
@@ -65,6 +67,33 @@ class ProblemSchema(pa.DataFrameModel):
         # str_length(min_value=1) would accept "  "; a whitespace-only question or answer is
         # as useless as an empty one.
         return series.str.strip().str.len() > 0
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+class FilteredProblemSchema(ProblemSchema):
+    """Training problems inside the teacher's competence (stage ``filter``): the teacher solved
+    each at least once in k samples. Read by ``grpo``."""
+
+    # Share of the teacher's k samples that were right; > 0 by construction of the filter.
+    teacher_pass_rate: Series[float] = pa.Field(gt=0.0, le=1.0)
+
+
+class SFTExampleSchema(pa.DataFrameModel):
+    """Warm-up examples (stage ``warmup_data``): the student's own right answer, commands inserted.
+    Read by ``sft``."""
+
+    problem_id: Series[str] = pa.Field(str_length={"min_value": 1})
+    # The exact prompt text (relaypipe.tasks.base.format_prompt), as every stage shows it.
+    prompt: Series[str] = pa.Field(str_length={"min_value": 1})
+    # The completion with its <call>n</call> commands; what the SFT loss is computed on.
+    completion: Series[str] = pa.Field(str_length={"min_value": 1})
+    # How many commands were inserted (0..max_commands).
+    n_commands: Series[int] = pa.Field(ge=0)
+    # Which insertion policy produced the row ("random" or "disagreement").
+    policy: Series[str] = pa.Field(isin=["random", "disagreement"])
 
     class Config:
         strict = True

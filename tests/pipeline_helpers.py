@@ -63,7 +63,9 @@ def make_repo(dest: Path, params: dict[str, Any] | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, dest / name)
-    shutil.copytree(ROOT / "relaypipe", dest / "relaypipe", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "relaypipe", dest / "relaypipe", ignore=shutil.ignore_patterns("__pycache__")
+    )
     full = yaml.safe_load((ROOT / "params.yaml").read_text())
     (dest / "params.yaml").write_text(
         yaml.safe_dump(deep_update(full, params if params is not None else SMALL_PARAMS))

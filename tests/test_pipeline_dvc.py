@@ -44,7 +44,10 @@ def test_second_repro_does_nothing_and_a_param_change_reruns_only_its_stage(repo
     changed = sh("dvc", "repro", cwd=repo)
     assert "Running stage 'bootstrap'" in changed.stdout
     assert "Running stage 'prepare'" not in changed.stdout
-    assert sh("dvc", "status", cwd=repo).stdout.strip() in ("", "Data and pipelines are up to date.")
+    assert sh("dvc", "status", cwd=repo).stdout.strip() in (
+        "",
+        "Data and pipelines are up to date.",
+    )
 
 
 def test_stage_refuses_a_table_that_violates_its_schema(repo, tmp_path):
@@ -59,8 +62,13 @@ def test_stage_refuses_a_table_that_violates_its_schema(repo, tmp_path):
     params["bootstrap"]["out_dir"] = str(tmp_path / "models")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = sh(
-        "python", "-m", "relaypipe.stages.bootstrap", "--params", str(tmp_path / "params.yaml"),
-        cwd=repo, check=False,
+        "python",
+        "-m",
+        "relaypipe.stages.bootstrap",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        cwd=repo,
+        check=False,
     )
     assert proc.returncode != 0
     assert "train.parquet" in proc.stderr and "difficulty" in proc.stderr and "row 3" in proc.stderr
@@ -72,8 +80,13 @@ def test_malformed_params_fail_with_the_key_named(repo, tmp_path):
     params["bootstrap"]["teacher_train"]["stepz"] = 5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = sh(
-        "python", "-m", "relaypipe.stages.bootstrap", "--params", str(tmp_path / "params.yaml"),
-        cwd=repo, check=False,
+        "python",
+        "-m",
+        "relaypipe.stages.bootstrap",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        cwd=repo,
+        check=False,
     )
     assert proc.returncode != 0
     assert "bootstrap.teacher_train: unknown key(s) stepz" in proc.stderr

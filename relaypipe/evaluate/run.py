@@ -40,7 +40,7 @@ def decode_problems(
         prompts = [
             tok(format_prompt(p.question), add_special_tokens=False).input_ids for p in chunk
         ]
-        for p, tr in zip(chunk, decoder.decode(prompts, config), strict=True):
+        for p, tr in zip(chunk, decoder.decode(prompts, config, first_id=start), strict=True):
             text = tok.decode(tr.token_ids, skip_special_tokens=True)
             out.append(Graded(p, tr, text, is_correct(text, p.answer)))
         bar.update(len(chunk))
@@ -50,3 +50,22 @@ def decode_problems(
 
 def accuracy(graded: Sequence[Graded]) -> float:
     return sum(g.correct for g in graded) / len(graded) if graded else 0.0
+
+
+def summarize(graded: Sequence[Graded]) -> dict[str, float]:
+    """Accuracy, call ratio and command health of one mode's graded traces."""
+    traces = [g.trace for g in graded]
+    generated = sum(t.n_generated for t in traces) or 1
+    commands = sum(t.calls for t in traces) + sum(
+        e.kind in ("malformed", "blocked", "budget", "unterminated")
+        for t in traces
+        for e in t.events
+    )
+    malformed = sum(e.kind in ("malformed", "unterminated") for t in traces for e in t.events)
+    return {
+        "accuracy": round(accuracy(graded), 4),
+        "call_ratio": round(sum(t.n_teacher for t in traces) / generated, 4),
+        "calls_per_request": round(sum(t.calls for t in traces) / max(1, len(traces)), 4),
+        "commands_emitted": commands,
+        "command_parse_rate": round(1 - malformed / commands, 4) if commands else 1.0,
+    }

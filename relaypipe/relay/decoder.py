@@ -110,13 +110,22 @@ class RelayDecoder:
 
     # ------------------------------------------------------------------ public API
     def decode(
-        self, prompts: Sequence[Sequence[int]], config: RelayConfig | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        config: RelayConfig | None = None,
+        first_id: int = 0,
     ) -> list[RelayTrace]:
-        """Relay-decode a batch of tokenised prompts; one trace per prompt, in order."""
+        """Relay-decode a batch of tokenised prompts; one trace per prompt, in order.
+
+        Request ``first_id + i`` gets its own RNG streams from (seed, request id), so a run
+        split into several batches samples exactly as one big batch would.
+        """
         cfg = config or self.config
         batch_id = next(_decode_ids)
         t0 = time.perf_counter()
-        states = [self._new_state(i, list(p), cfg, batch_id, t0) for i, p in enumerate(prompts)]
+        states = [
+            self._new_state(first_id + i, list(p), cfg, batch_id, t0) for i, p in enumerate(prompts)
+        ]
         try:
             while True:
                 waiting_student = [s for s in states if s.phase == "student"]

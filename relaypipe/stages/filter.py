@@ -1,0 +1,79 @@
+"""Stage ``filter``: keep the training problems inside the teacher's competence.
+
+Run: ``python -m relaypipe.stages.filter`` (reads ``params.yaml:filter``) or ``dvc repro filter``.
+Samples the teacher ``k`` times per problem (paper: k = 16, temperature 0.7) and keeps the
+problems it solves at least once: asking for help only pays where the teacher can help.
+Writes ``data/filter/kept.parquet`` (FilteredProblemSchema) and ``data/filter/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from relaypipe.io import read_table, write_json, write_table
+from relaypipe.models import load_model
+from relaypipe.relay.backends import TransformersBackend
+from relaypipe.relay.decoder import RelayDecoder
+from relaypipe.schemas import FilteredProblemSchema, ProblemSchema, frame_to_problems
+from relaypipe.stages.common import stage_params
+from relaypipe.train.sampling import sample_k
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    k: int = 16  # teacher samples per problem
+    temperature: float = 0.7
+    n_problems: int = 512  # the first N training problems are considered (the GRPO pool)
+    max_new_tokens: int = 96
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    problems: str = "data/problems/train.parquet"
+    teacher: str = "data/models/teacher"
+    out_dir: str = "data/filter"
+
+
+def run(params: FilterParams) -> dict:
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    frame = read_table(params.problems, ProblemSchema).iloc[: params.n_problems]
+    problems = frame_to_problems(frame)
+    teacher, tok = load_model(params.teacher, device=params.device)
+    backend = TransformersBackend(teacher)
+    decoder = RelayDecoder(backend, backend, tok)  # teacher mode never calls the student
+    samples = sample_k(
+        decoder,
+        problems,
+        mode="teacher",
+        k=params.k,
+        temperature=params.temperature,
+        max_new_tokens=params.max_new_tokens,
+        seed=params.seed,
+        batch_size=params.batch_size,
+    )
+    frame = frame.assign(teacher_pass_rate=[sum(g.correct for g in s) / params.k for s in samples])
+    kept = frame[frame.teacher_pass_rate > 0].reset_index(drop=True)
+    write_table(kept, Path(params.out_dir) / "kept.parquet", FilteredProblemSchema)
+    metrics = {
+        "n_considered": len(frame),
+        "n_kept": len(kept),
+        "kept_share": round(len(kept) / max(1, len(frame)), 4),
+        "teacher_mean_pass_rate": round(float(frame.teacher_pass_rate.mean()), 4),
+    }
+    write_json(Path(params.out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    log.info("filter: %s", run(stage_params("filter", FilterParams, argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Warm-up data (stage 1): the student's own right answers with call commands inserted.
+
+Training on its own text teaches the command's syntax without shifting the student's
+distribution (DESIGN.md §1). Two insertion policies:
+
+* ``random`` (the paper's): 0-3 commands (uniform count) at random token positions.
+* ``disagreement`` (imitation-style, named as future work in the paper): commands go where the
+  teacher's greedy next token differs from the student's, most-confident disagreements first,
+  falling back to random positions when there are fewer disagreements than commands.
+
+Unlike the reference, every command carries its ``n`` (drawn from ``n_values``), and the
+text around a command is left exactly as the student wrote it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from relaypipe.relay.grammar import format_call
+from relaypipe.tasks.base import format_prompt
+
+POLICIES = ("random", "disagreement")
+
+
+@dataclass(frozen=True)
+class InsertSpec:
+    policy: str = "random"  # one of POLICIES
+    max_commands: int = 3  # commands per example: uniform in 0..max_commands
+    n_values: tuple[int, ...] = (2, 4, 8)  # n of each inserted command, drawn uniformly
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.max_commands < 0 or not self.n_values or min(self.n_values) < 1:
+            raise ValueError("max_commands must be >= 0 and n_values non-empty positive integers")
+
+
+def insert_commands(
+    completion_ids: Sequence[int],
+    positions: Sequence[int],
+    n_values: Sequence[int],
+    tokenizer: PreTrainedTokenizerBase,
+) -> list[int]:
+    """``completion_ids`` with ``format_call(n)`` inserted before each token index in positions."""
+    out: list[int] = []
+    pending = sorted(zip(positions, n_values, strict=True))
+    k = 0
+    for i in range(len(completion_ids) + 1):
+        while k < len(pending) and pending[k][0] == i:
+            out.extend(tokenizer(format_call(pending[k][1]), add_special_tokens=False).input_ids)
+            k += 1
+        if i < len(completion_ids):
+            out.append(completion_ids[i])
+    return out
+
+
+def random_positions(length: int, count: int, rng: random.Random) -> list[int]:
+    """``count`` distinct insertion points in 1..length-1 (never before the first token nor
+    after the last, so a command always sits inside the student's text)."""
+    slots = list(range(1, max(1, length)))
+    return sorted(rng.sample(slots, min(count, len(slots))))
+
+
+@torch.inference_mode()
+def disagreement_positions(
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    count: int,
+) -> list[int]:
+    """Indices where the teacher's greedy next token differs from the student's, ordered by
+    the teacher's confidence in its own choice; at most ``count``."""
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    p = len(prompt_ids)
+    # logits at position j predict token j+1: completion token i is predicted at p + i - 1
+    s_pred = student(input_ids=ids).logits[0, p - 1 : -1].argmax(-1)
+    t_logits = teacher(input_ids=ids).logits[0, p - 1 : -1]
+    t_conf, t_pred = t_logits.softmax(-1).max(-1)
+    idx = torch.nonzero(s_pred != t_pred, as_tuple=True)[0]
+    idx = idx[(idx > 0) & (idx < len(completion_ids))]
+    ranked = idx[torch.argsort(t_conf[idx], descending=True)]
+    return sorted(ranked[:count].tolist())
+
+
+def build_warmup_example(
+    question: str,
+    completion: str,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: InsertSpec,
+    rng: random.Random,
+    student: PreTrainedModel | None = None,
+    teacher: PreTrainedModel | None = None,
+) -> tuple[str, str, list[int]]:
+    """(prompt, completion with commands, the inserted n values) for one right answer."""
+    prompt = format_prompt(question)
+    comp_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    count = rng.randint(0, spec.max_commands)
+    if spec.policy == "disagreement" and count:
+        if student is None or teacher is None:
+            raise ValueError("the disagreement policy needs the student and the teacher models")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        positions = disagreement_positions(prompt_ids, comp_ids, student, teacher, count)
+        taken = set(positions)
+        extra = [q for q in random_positions(len(comp_ids), count, rng) if q not in taken]
+        positions = sorted(positions + extra[: count - len(positions)])
+    else:
+        positions = random_positions(len(comp_ids), count, rng)
+    ns = [rng.choice(spec.n_values) for _ in positions]
+    with_calls = insert_commands(comp_ids, positions, ns, tokenizer)
+    return prompt, tokenizer.decode(with_calls), ns

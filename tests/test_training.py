@@ -1,0 +1,182 @@
+"""Warm-up insertion, the relay rollout for GRPO, and short real SFT / GRPO trainer runs."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+
+from relaypipe.relay.backends import TransformersBackend
+from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.grammar import parse_call, strip_calls
+from relaypipe.relay.trace import Source
+from relaypipe.train.rewards import difficulty_aware_reward
+from relaypipe.train.rollout import make_relay_rollout, rollout_fields
+from relaypipe.train.warmup import InsertSpec, build_warmup_example, insert_commands
+from tests.test_decoder import ScriptedBackend
+
+SOLUTION = "7+5=12\n12+9=21\nAnswer: 21"
+
+
+def test_insert_commands_at_exact_positions(tokenizer):
+    ids = tokenizer("abcd", add_special_tokens=False).input_ids
+    out = insert_commands(ids, [1, 3], [4, 2], tokenizer)
+    assert tokenizer.decode(out) == "a<call>4</call>bc<call>2</call>d"
+
+
+def test_warmup_examples_counts_positions_n_and_untouched_text(tokenizer):
+    spec = InsertSpec(max_commands=3, n_values=(2, 5))
+    rng = random.Random(0)
+    counts = set()
+    for _ in range(60):
+        prompt, completion, ns = build_warmup_example("7+5+9", SOLUTION, tokenizer, spec, rng)
+        assert prompt == "Q: 7+5+9\nA: "
+        assert strip_calls(completion) == SOLUTION  # the student's text is unchanged
+        assert completion.count("<call>") == len(ns) <= 3 and set(ns) <= {2, 5}
+        assert not completion.startswith("<call>") and not completion.endswith("</call>")
+        pieces = completion.split("<call>")[1:]
+        assert [parse_call("<call>" + p.split("</call>")[0] + "</call>") for p in pieces] == ns
+        counts.add(len(ns))
+    assert counts == {0, 1, 2, 3}  # uniform count: every value shows up
+
+
+def test_disagreement_policy_places_commands_where_models_differ(tokenizer, tiny_models):
+    student, teacher = tiny_models
+    spec = InsertSpec(policy="disagreement", max_commands=3, n_values=(4,))
+    rng = random.Random(1)
+    _, completion, ns = build_warmup_example(
+        "7+5+9", SOLUTION, tokenizer, spec, rng, student, teacher
+    )
+    assert strip_calls(completion) == SOLUTION and all(n == 4 for n in ns)
+    with pytest.raises(ValueError, match="needs the student and the teacher"):
+        build_warmup_example("1", SOLUTION, tokenizer, spec, random.Random(3))
+
+
+def test_rollout_fields_env_mask_covers_exactly_teacher_tokens(tokenizer):
+    student = ScriptedBackend(tokenizer, {0: ["12+<call>3</call>", "9=21<eos>"], 1: ["7<eos>"]})
+    teacher = ScriptedBackend(tokenizer, {0: ["abc"]})
+    traces = RelayDecoder(student, teacher, tokenizer).decode_text(["Q: 1\nA: ", "Q: 2\nA: "])
+    fields = rollout_fields(traces, mask_teacher_tokens=True)
+    assert len(fields["completion_ids"]) == 2
+    for ids, mask, tr in zip(fields["completion_ids"], fields["env_mask"], traces, strict=True):
+        assert len(ids) == len(mask)
+        assert [i for i, m in enumerate(mask) if m == 0] == [
+            i for i, s in enumerate(tr.sources) if s == Source.TEACHER
+        ]
+    assert fields["teacher_tokens"] == [3, 0] and fields["calls"] == [1, 0]
+    unmasked = rollout_fields(traces, mask_teacher_tokens=False)
+    assert all(set(m) == {1} for m in unmasked["env_mask"])
+
+
+def _fake_trainer(model, **args):
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_completion_length": 16}
+    return SimpleNamespace(
+        model=model,
+        args=SimpleNamespace(**{**defaults, **args}),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+
+
+def test_rollout_func_one_completion_per_prompt(tokenizer, tiny_models):
+    student, teacher = tiny_models
+    cfg = RelayConfig(mode="random_router", router_p=0.3, max_new_tokens=16, seed=0)
+    rollout = make_relay_rollout(TransformersBackend(teacher), tokenizer, cfg)
+    prompts = ["Q: 1+2\nA: "] * 3 + ["Q: 4+4\nA: "] * 3  # trl repeats each prompt G times
+    trainer = _fake_trainer(student)
+    student.train()  # as under trl: rollouts happen while the policy is in training mode
+    out = rollout(prompts, trainer)
+    assert len(out["prompt_ids"]) == len(out["completion_ids"]) == len(out["env_mask"]) == 6
+    assert out["prompt_ids"][0] == tokenizer("Q: 1+2\nA: ", add_special_tokens=False).input_ids
+    assert all(0 < len(c) <= 16 for c in out["completion_ids"])
+    assert sum(out["teacher_tokens"]) == sum(m.count(0) for m in out["env_mask"]) > 0
+    assert out["logprobs"] is None
+    assert trainer._metrics["train"]["relay/teacher_share"]
+    assert student.training  # put back in the mode it was in
+    student.eval()
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_sft_trainer_runs_logs_a_loss_and_changes_every_parameter(tokenizer, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from relaypipe.micro.models import ModelSize, build_model
+
+    model = build_model(ModelSize(32, 1, 2, 64), tokenizer, seed=5)
+    before = _params(model)
+    data = Dataset.from_dict(
+        {"prompt": ["Q: 7+5+9\nA: "] * 8, "completion": ["7+5<call>4</call>=12\nAnswer: 21"] * 8}
+    )
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    assert any("loss" in h for h in trainer.state.log_history)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(before)
+
+
+@pytest.mark.slow
+def test_grpo_trainer_with_relay_rollouts(tokenizer, tiny_models, tmp_path):
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl import GRPOConfig, GRPOTrainer
+
+    from relaypipe.micro.models import ModelSize, build_model
+
+    _, teacher = tiny_models
+    model = build_model(ModelSize(32, 1, 2, 64), tokenizer, seed=6)
+    before = _params(model)
+    # random_router forces hand-offs, so rewards (call ratio for wrong answers) vary in a group
+    cfg = RelayConfig(mode="random_router", router_p=0.3, max_new_tokens=12, seed=0)
+    rollout = make_relay_rollout(TransformersBackend(teacher), tokenizer, cfg)
+    data = Dataset.from_dict(
+        {
+            "prompt": ["Q: 1+2\nA: ", "Q: 3+4\nA: "] * 2,
+            "answer": ["3", "7"] * 2,
+            "problem_id": ["a", "b"] * 2,
+        }
+    )
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=12,
+        learning_rate=1e-2,
+        beta=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        temperature=1.0,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[difficulty_aware_reward],
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        rollout_func=rollout,
+    )
+    trainer.train()
+    logs = trainer.state.log_history
+    assert any("loss" in h for h in logs)
+    assert any("relay/teacher_share" in h and h["relay/teacher_share"] > 0 for h in logs)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "GRPO changed no parameter"
