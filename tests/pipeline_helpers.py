@@ -55,6 +55,16 @@ SMALL_PARAMS: dict[str, Any] = {
         "max_new_tokens": 40,
         "eval_batch_size": 12,
     },
+    "filter": {"k": 2, "n_problems": 8, "max_new_tokens": 40},
+    "warmup_data": {
+        "n_problems": 8, "offset": 8, "samples_per_problem": 1, "max_new_tokens": 40,
+        "min_examples": 8, "top_up_with_reference": True,
+    },
+    "sft": {"eval_n": 8, "max_new_tokens": 40,
+            "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 1}},
+    "grpo": {"eval_n": 8, "max_new_tokens": 24,
+             "trainer": {"max_steps": 1, "per_device_train_batch_size": 8, "num_generations": 4,
+                         "save_steps": 1}},
 }
 
 

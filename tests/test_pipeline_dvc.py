@@ -32,6 +32,11 @@ def test_repro_writes_every_artifact(repo):
     assert metrics["n_eval"] == 24
     assert 0.0 <= metrics["student_accuracy"] <= 1.0 and 0.0 <= metrics["teacher_accuracy"] <= 1.0
     assert metrics["teacher_params"] > metrics["student_params"]
+    for stage in ("filter", "warmup", "sft", "grpo"):
+        assert json.loads((repo / f"data/{stage}/metrics.json").read_text())
+    assert (repo / "data/models/relay/model.safetensors").is_file()
+    assert (repo / "data/grpo/live/metrics.json").is_file()  # DVCLive summary
+    assert not (repo / "data/checkpoints/grpo").exists()  # removed after a finished run
 
 
 def test_second_repro_does_nothing_and_a_param_change_reruns_only_its_stage(repo):
@@ -39,11 +44,11 @@ def test_second_repro_does_nothing_and_a_param_change_reruns_only_its_stage(repo
     assert "didn't change, skipping" in again.stdout
     assert "Running stage" not in again.stdout
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["bootstrap"]["teacher_train"]["steps"] = 7
+    params["grpo"]["reward"] = "accuracy"  # a GRPO knob re-runs GRPO and nothing else
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     changed = sh("dvc", "repro", cwd=repo)
-    assert "Running stage 'bootstrap'" in changed.stdout
-    assert "Running stage 'prepare'" not in changed.stdout
+    ran = [line for line in changed.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'grpo':"]
     assert sh("dvc", "status", cwd=repo).stdout.strip() in (
         "",
         "Data and pipelines are up to date.",

@@ -40,6 +40,11 @@ class WarmupDataParams:
     max_new_tokens: int = 96
     batch_size: int = 128
     seed: int = 0
+    # A student too weak to solve enough problems leaves no warm-up data. With
+    # top_up_with_reference, reference worked solutions fill the table up to min_examples
+    # (counted in the metrics); otherwise the stage fails and says so.
+    min_examples: int = 1
+    top_up_with_reference: bool = False
     device: str = "auto"
     threads: int | None = None
     problems: str = "data/problems/train.parquet"
@@ -87,16 +92,28 @@ def run(params: WarmupDataParams) -> dict:
                     "policy": params.insert.policy,
                 }
             )
-    if not rows:
+    n_own = len(rows)
+    if n_own < params.min_examples and params.top_up_with_reference:
+        for problem in problems[: params.min_examples - n_own]:
+            prompt, completion, ns = build_warmup_example(
+                problem.question, problem.solution, tok, params.insert, rng, student, teacher
+            )
+            rows.append({"problem_id": problem.problem_id, "prompt": prompt,
+                         "completion": completion, "n_commands": len(ns),
+                         "policy": params.insert.policy})
+    if len(rows) < params.min_examples:
         raise RuntimeError(
-            f"the student solved none of {len(problems)} problems in {params.samples_per_problem} "
-            "samples: no warm-up data. Raise n_problems/samples_per_problem or train it longer."
+            f"the student solved only {n_own} of {len(problems)} problems in "
+            f"{params.samples_per_problem} samples (min_examples={params.min_examples}): not enough "
+            "warm-up data. Raise n_problems/samples_per_problem, train the student longer, or set "
+            "warmup_data.top_up_with_reference: true."
         )
     table = pd.DataFrame(rows)
     write_table(table, Path(params.out_dir) / "sft.parquet", SFTExampleSchema)
     n_samples = len(problems) * params.samples_per_problem
     metrics = {
         "n_examples": len(table),
+        "n_reference_examples": len(table) - n_own,
         "student_sample_accuracy": round(sum(g.correct for s in samples for g in s) / n_samples, 4),
         "commands_per_example": round(float(table.n_commands.mean()), 3),
     }
