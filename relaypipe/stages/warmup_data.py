@@ -98,14 +98,21 @@ def run(params: WarmupDataParams) -> dict:
             prompt, completion, ns = build_warmup_example(
                 problem.question, problem.solution, tok, params.insert, rng, student, teacher
             )
-            rows.append({"problem_id": problem.problem_id, "prompt": prompt,
-                         "completion": completion, "n_commands": len(ns),
-                         "policy": params.insert.policy})
+            rows.append(
+                {
+                    "problem_id": problem.problem_id,
+                    "prompt": prompt,
+                    "completion": completion,
+                    "n_commands": len(ns),
+                    "policy": params.insert.policy,
+                }
+            )
     if len(rows) < params.min_examples:
         raise RuntimeError(
             f"the student solved only {n_own} of {len(problems)} problems in "
-            f"{params.samples_per_problem} samples (min_examples={params.min_examples}): not enough "
-            "warm-up data. Raise n_problems/samples_per_problem, train the student longer, or set "
+            f"{params.samples_per_problem} samples (min_examples={params.min_examples}): not "
+            "enough warm-up data. Raise n_problems/samples_per_problem, train the student "
+            "longer, or set "
             "warmup_data.top_up_with_reference: true."
         )
     table = pd.DataFrame(rows)
