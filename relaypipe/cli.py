@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from relaypipe import cli_serve
 from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
 from relaypipe.tasks.base import format_prompt
@@ -23,7 +24,7 @@ from relaypipe.tasks.base import format_prompt
 def _decode_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="relay-decode prompts between a student and a teacher")
     p.add_argument("--student", required=True, help="student model directory (or hub id)")
-    p.add_argument("--teacher", required=True, help="teacher model directory (or hub id)")
+    cli_serve.add_teacher_arguments(p, required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a question (repeatable)")
     src.add_argument("--prompts-file", type=Path, help="a text file, one question per line")
@@ -78,8 +79,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     student, tok = load_model(args.student, device=args.device)
-    teacher, _ = load_model(args.teacher, device=args.device)
-    decoder = RelayDecoder(TransformersBackend(student), TransformersBackend(teacher), tok, cfg)
+    teacher = cli_serve.build_teacher(args, tok)
+    decoder = RelayDecoder(TransformersBackend(student), teacher, tok, cfg)
     colour = sys.stdout.isatty() and not args.json
     for prompt, trace in zip(prompts, decoder.decode_text(prompts), strict=True):
         if args.json:
@@ -98,9 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _decode_parser(sub)
+    cli_serve.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    return {"decode": cmd_decode}[args.command](args)
+    from relaypipe.relay.http_backend import TeacherUnavailable
+
+    try:
+        return {"decode": cmd_decode, "serve": cli_serve.run}[args.command](args)
+    except (TeacherUnavailable, OSError) as err:  # a clear line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

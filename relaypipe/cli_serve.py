@@ -16,12 +16,53 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Any
 
 from starlette.applications import Starlette
 
 from relaypipe.relay.decoder import MODES, RelayConfig
 
 log = logging.getLogger(__name__)
+
+
+def add_teacher_arguments(group: Any, *, required: bool) -> None:
+    """The teacher options shared by ``decode`` and ``serve``: in-process or behind a URL."""
+    teacher = group.add_mutually_exclusive_group(required=required)
+    teacher.add_argument("--teacher", help="teacher model directory (in-process)")
+    teacher.add_argument("--teacher-url", help="an OpenAI-compatible server for the teacher")
+    group.add_argument("--teacher-model", help="model name at --teacher-url")
+    group.add_argument("--teacher-format", choices=("tokens", "text"), default="tokens")
+    group.add_argument("--teacher-api-key-env", default=None, help="env var with its key")
+    group.add_argument("--teacher-timeout", type=float, default=60.0)
+    group.add_argument("--teacher-retries", type=int, default=3)
+    group.add_argument("--teacher-concurrency", type=int, default=8)
+    group.add_argument("--on-teacher-failure", choices=("fail", "skip"), default="skip")
+
+
+def build_teacher(args: argparse.Namespace, tok: Any) -> Any:
+    """The teacher backend the arguments describe (checked up front when remote)."""
+    from relaypipe.models import load_model
+    from relaypipe.relay.backends import TransformersBackend
+    from relaypipe.relay.http_backend import HTTPBackend
+
+    if args.teacher_url:
+        if not args.teacher_model:
+            raise SystemExit("error: --teacher-url needs --teacher-model")
+        teacher = HTTPBackend(
+            args.teacher_url,
+            args.teacher_model,
+            tok,
+            prompt_format=args.teacher_format,
+            api_key_env=args.teacher_api_key_env,
+            timeout_s=args.teacher_timeout,
+            max_retries=args.teacher_retries,
+            concurrency=args.teacher_concurrency,
+            on_failure=args.on_teacher_failure,
+        )
+        teacher.check()
+        return teacher
+    model, _ = load_model(args.teacher, device=args.device, dtype=getattr(args, "dtype", "float32"))
+    return TransformersBackend(model, name="teacher")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,19 +81,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=8192)
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
     p.add_argument("--max-batch", type=int, default=16, help="micro-batch size (model mode)")
-    p.add_argument("--cache-slots", type=int, default=16, help="prefix-cache slots (model mode)")
+    p.add_argument(
+        "--cache-slots",
+        type=int,
+        default=64,
+        help="prefix-cache slots: >= concurrent relay requests",
+    )
 
     relay = p.add_argument_group("relay mode")
-    teacher = relay.add_mutually_exclusive_group()
-    teacher.add_argument("--teacher", help="teacher model directory (in-process)")
-    teacher.add_argument("--teacher-url", help="an OpenAI-compatible server for the teacher")
-    relay.add_argument("--teacher-model", help="model name at --teacher-url")
-    relay.add_argument("--teacher-format", choices=("tokens", "text"), default="tokens")
-    relay.add_argument("--teacher-api-key-env", default=None, help="env var with its key")
-    relay.add_argument("--teacher-timeout", type=float, default=60.0)
-    relay.add_argument("--teacher-retries", type=int, default=3)
-    relay.add_argument("--teacher-concurrency", type=int, default=8)
-    relay.add_argument("--on-teacher-failure", choices=("fail", "skip"), default="skip")
+    add_teacher_arguments(relay, required=False)
     relay.add_argument("--relay-mode", choices=MODES, default="relay")
     relay.add_argument("--max-turns", type=int, default=32)
     relay.add_argument("--max-call-tokens", type=int, default=64)
@@ -69,7 +106,6 @@ def build_app(args: argparse.Namespace) -> Starlette:
     from relaypipe.models import load_model
     from relaypipe.relay.backends import TransformersBackend
     from relaypipe.relay.decoder import RelayDecoder
-    from relaypipe.relay.http_backend import HTTPBackend
     from relaypipe.serve import RelayEngine, ServeLimits, build_model_engine, make_app
 
     limits = ServeLimits(
@@ -108,24 +144,7 @@ def build_app(args: argparse.Namespace) -> Starlette:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     student, tok = load_model(args.student, device=args.device, dtype=args.dtype)
-    if args.teacher_url:
-        if not args.teacher_model:
-            raise SystemExit("error: --teacher-url needs --teacher-model")
-        teacher = HTTPBackend(
-            args.teacher_url,
-            args.teacher_model,
-            tok,
-            prompt_format=args.teacher_format,
-            api_key_env=args.teacher_api_key_env,
-            timeout_s=args.teacher_timeout,
-            max_retries=args.teacher_retries,
-            concurrency=args.teacher_concurrency,
-            on_failure=args.on_teacher_failure,
-        )
-        teacher.check()
-    else:
-        teacher_model, _ = load_model(args.teacher, device=args.device, dtype=args.dtype)
-        teacher = TransformersBackend(teacher_model, name="teacher")
+    teacher = build_teacher(args, tok)
     decoder = RelayDecoder(TransformersBackend(student, name="student"), teacher, tok, config)
     engine = RelayEngine(decoder, args.name or "relay", config)
     return make_app(engine, api_key=api_key, limits=limits)

@@ -50,6 +50,7 @@ from transformers import PreTrainedTokenizerBase
 
 from relaypipe.relay.backends import GenRequest, Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.http_backend import TeacherUnavailable
 from relaypipe.relay.trace import RelayTrace, Source, StopReason
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,12 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class ModelEngine:
-    """One local causal LM, micro-batched, with a small prefix cache of recent requests.
+    """One local causal LM, micro-batched, with a prefix cache of recent requests.
 
-    ``cache_slots`` KV caches are kept (LRU). Each prompt goes to the free slot sharing the
-    longest prefix with it; the backend then reuses the cached part. 0 disables the cache.
+    ``cache_slots`` KV caches are kept (LRU); a prompt that continues a cached one reuses it
+    (see :meth:`_pick_slot`). Give it at least as many slots as relay requests in flight
+    (the decoder's batch size), or hand-offs evict each other and prefill from scratch.
+    0 disables the cache.
     """
 
     def __init__(
@@ -165,7 +168,7 @@ class ModelEngine:
         name: str,
         *,
         max_batch: int = 16,
-        cache_slots: int = 16,
+        cache_slots: int = 64,
     ):
         self.backend = backend
         self.tokenizer = tokenizer
@@ -416,13 +419,11 @@ class ApiError(Exception):
         code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type,
-            param,
-            code,
-        )
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type
+        self.code = code
 
     def response(self) -> JSONResponse:
         body = {
@@ -643,8 +644,9 @@ class _Api:
         job = Job(prompts, params)
         try:
             completions = await asyncio.wrap_future(self.worker.submit(job))
+        except TeacherUnavailable as err:  # relay mode: the remote teacher is down
+            raise ApiError(502, f"teacher unavailable: {err}", type="upstream_error") from None
         except Exception as err:
-            log.exception("completion failed")
             raise ApiError(
                 500, f"generation failed: {type(err).__name__}: {err}", type="server_error"
             ) from None
@@ -744,7 +746,7 @@ def build_model_engine(
     name: str | None = None,
     device: str = "auto",
     dtype: str = "float32",
-    cache_slots: int = 16,
+    cache_slots: int = 64,
     max_batch: int = 16,
 ) -> ModelEngine:
     from relaypipe.models import load_model

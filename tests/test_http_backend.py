@@ -259,7 +259,9 @@ def test_misconfiguration_raises_even_with_skip(server, backend_factory, tokeniz
 
 
 def test_eos_is_made_visible_and_accounting_uses_what_came_back(server, backend_factory, tokenizer):
-    for tag, action in zip("abcd", ["ok_eos_dropped", "ok_eos", "ok_text_only", "ok_cached"]):
+    for tag, action in zip(
+        "abcd", ["ok_eos_dropped", "ok_eos", "ok_text_only", "ok_cached"], strict=True
+    ):
         server.script[tag].append(action)
     eos = tokenizer.eos_token_id
     tt = t_ids(tokenizer, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -241,3 +242,16 @@ def test_cli_builds_and_serves_a_saved_model(tmp_path, tiny_models, tokenizer, m
         r = post(srv, {"model": "t", "prompt": "Q: 1\nA: ", "max_tokens": 3}, key=KEY)
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) <= 3
         assert json.loads(httpx.get(f"{srv.url}/health").text)["model"] == "t"
+
+
+def test_relay_server_with_an_unreachable_teacher_answers_502(tiny_models, tokenizer):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with HTTPBackend(dead, "t", tokenizer, max_retries=1, backoff_s=0.01) as teacher:
+        dec = RelayDecoder(TransformersBackend(tiny_models[0]), teacher, tokenizer)
+        with ServerThread(make_app(RelayEngine(dec, "relay", RelayConfig(mode="teacher")))) as srv:
+            r = post(srv, {"prompt": "Q: 1\nA: ", "max_tokens": 4})
+    sock.close()
+    assert r.status_code == 502
+    assert dead in r.json()["error"]["message"] and "ConnectError" in r.json()["error"]["message"]

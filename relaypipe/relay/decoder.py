@@ -343,13 +343,18 @@ class RelayDecoder:
                     seconds=seconds,
                 )
             )
-            if res.finish == "error":
+            failed = res.finish == "error"
+            if failed:
                 tr.events.append(CallEvent(start, "teacher_error", res.error or "teacher failed"))
             if res.finish == "eos":
                 self._finish(st, StopReason.TEACHER_EOS)
             elif self._room(st, cfg) <= 0:
                 self._finish(st, StopReason.MAX_NEW_TOKENS)
+            elif failed and cfg.mode == "teacher":  # nobody else may write: end it unanswered
+                self._finish(st, StopReason.TEACHER_ERROR)
             else:
                 st.phase = "student"
                 if cfg.mode == "random_router":
                     st.next_router_switch = self._draw_student_run(st, cfg)
+                    if failed:  # the student writes a token before the router may retry
+                        st.next_router_switch = max(st.next_router_switch, start + 1)

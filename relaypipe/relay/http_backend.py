@@ -239,14 +239,10 @@ class HTTPBackend:
             if first is not None or self.on_failure == "fail":
                 first = first or failures[0]
                 cls = TeacherConfigError if first.config else TeacherUnavailable
+                also = f" ({len(failures)} of {len(calls)} failed)" if len(calls) > 1 else ""
                 raise cls(
                     f"teacher at {self.url} failed request {first.key!r} after "
-                    f"{first.attempts} attempt(s): {first.error}"
-                    + (
-                        f" ({len(failures)} of {len(calls)} requests failed)"
-                        if len(calls) > 1
-                        else ""
-                    ),
+                    f"{first.attempts} attempt(s): {first.error}{also}",
                     url=self.url,
                     key=first.key,
                     last_error=first.error,
