@@ -212,8 +212,9 @@ def run_benchmark(
                 {
                     "pf_s": pf_s,
                     "pf_t": pf_t,
-                    "dec_s": (s_run.seconds - prompt_tokens * pf_s) / s_run.tokens,
-                    "dec_t": (t_run.seconds - prompt_tokens * pf_t) / t_run.tokens,
+                    # clamped: on tiny runs noise can exceed the decode share
+                    "dec_s": max(0.0, s_run.seconds - prompt_tokens * pf_s) / s_run.tokens,
+                    "dec_t": max(0.0, t_run.seconds - prompt_tokens * pf_t) / t_run.tokens,
                 }
             )
 
@@ -262,6 +263,7 @@ def run_benchmark(
                     "call_ratio": n_teacher / max(1, runs[0].tokens),
                     "teacher_tokens": n_teacher,
                     "handoffs": sum(t.calls for t in tr),
+                    "student_turns": sum(t.turns for t in tr),
                     "student_prefill_tokens": sum(t.student_prefill_tokens for t in tr),
                     "teacher_prefill_tokens": sum(t.teacher_prefill_tokens for t in tr),
                     "floor_seconds": _median(floors),
@@ -383,8 +385,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed arguments (see :func:`add_arguments`)."""
     import pandas as pd
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     batch_sizes, router_ps = _ints(args.batch_sizes), _floats(args.router_ps)
     if not batch_sizes or min(batch_sizes) < 1:
         raise SystemExit("error: --batch-sizes needs positive integers")
@@ -396,17 +396,23 @@ def run(args: argparse.Namespace) -> int:
     if not questions:
         raise SystemExit(f"error: no questions in {args.problems}")
     questions = [questions[i % len(questions)] for i in range(args.n_prompts)]
-    res = run_benchmark(
-        args.student,
-        args.teacher,
-        questions,
-        batch_sizes=batch_sizes,
-        router_ps=router_ps,
-        max_new_tokens=args.max_new_tokens,
-        repeats=args.repeats,
-        device=args.device,
-        progress=lambda m: print(m, file=sys.stderr, flush=True),
-    )
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        res = run_benchmark(
+            args.student,
+            args.teacher,
+            questions,
+            batch_sizes=batch_sizes,
+            router_ps=router_ps,
+            max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
+            device=args.device,
+            progress=lambda m: print(m, file=sys.stderr, flush=True),
+        )
+    finally:
+        torch.set_num_threads(threads)
     print(format_table(res))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from relaypipe import cli_serve
+from relaypipe import cli_bench, cli_serve
 from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
 from relaypipe.tasks.base import format_prompt
@@ -100,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _decode_parser(sub)
     cli_serve.add_parser(sub)
+    cli_bench.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     from relaypipe.relay.http_backend import TeacherUnavailable
 
     try:
-        return {"decode": cmd_decode, "serve": cli_serve.run}[args.command](args)
+        return {"decode": cmd_decode, "serve": cli_serve.run, "bench": cli_bench.run}[args.command](args)
     except (TeacherUnavailable, OSError) as err:  # a clear line, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,13 +9,15 @@ longest common prefix with what it cached is reused). An HTTP backend fits the s
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+import torch.nn.functional as F
+from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +89,6 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@dataclass
-class _CacheEntry:
-    ids: list[int]  # tokens whose keys/values are cached, in order
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [H, L, D]
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -101,18 +97,271 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def _text_config(model: PreTrainedModel):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _params_version(params: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """Changes whenever a parameter is updated in place (an optimiser step, a state-dict
+    load). Parameters made under inference mode keep no version: taken as never changing."""
+    try:
+        return tuple(p._version for p in params)
+    except RuntimeError:
+        return ()
+
+
+class _KVStore:
+    """Keys and values of every cached request in one tensor.
+
+    ``data`` is ``[layers, 2, slots, kv_heads, length, head_dim]`` (2: keys, values). A request
+    owns one slot and its context token j sits at column j, so requests of any lengths batch
+    without padding their caches: a query at position p attends to columns 0..p of its row.
+    Fresh storage is zero, and only finite values are ever written, so columns a row does not
+    attend to are harmless under a mask.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device) -> None:
+        self.data = torch.zeros((layers, 2, 0, kv_heads, 0, head_dim), dtype=dtype, device=device)
+        self._free: list[int] = []  # a heap: the lowest free slot first keeps batches contiguous
+        self.slots_used = 0
+
+    def acquire(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        self.slots_used += 1
+        return self.slots_used - 1
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+    def reserve(self, length: int) -> None:
+        """Room for every acquired slot and ``length`` columns (grows by doubling)."""
+        n_layers, _, slots, heads, cols, dim = self.data.shape
+        if slots >= self.slots_used and cols >= length:
+            return
+        new_slots = slots if slots >= self.slots_used else max(self.slots_used, 2 * slots)
+        new_cols = cols if cols >= length else max(-(-length // 64) * 64, 2 * cols)
+        grown = self.data.new_zeros((n_layers, 2, new_slots, heads, new_cols, dim))
+        grown[:, :, :slots, :, :cols] = self.data
+        self.data = grown
+
+
+@dataclass
+class _Entry:
+    slot: int
+    ids: list[int]  # the tokens whose keys/values sit in columns 0..len-1 of the slot
+
+
+class _HFRunner:
+    """Any Hugging Face causal LM through its own forward, with the slot cache plugged in.
+
+    The model sees a duck-typed cache whose ``update`` writes the new keys/values at each
+    token's position and returns the batch's columns, and a ready 4D additive mask (which
+    Hugging Face passes through as-is).
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        # padding and finished rows may sit past a learned position table: clamp their ids
+        self.max_position = getattr(_text_config(model), "max_position_embeddings", None)
+
+    def refresh(self, version: tuple[int, ...]) -> None:
+        pass
+
+    def __call__(
+        self,
+        ids: torch.Tensor,  # [B, T]
+        pos: torch.Tensor,  # [B, T] position (= cache column) of each input token
+        kv: torch.Tensor,  # [layers, 2, B, kv_heads, >= hi, head_dim]
+        hi: int,  # columns attended: 0..hi-1
+        last: torch.Tensor | None,  # [B] index of each row's last real input; None: T-1
+        cols: torch.Tensor,  # [>= hi] arange
+        rows: torch.Tensor,  # [B, 1] arange
+    ) -> torch.Tensor:
+        """Logits [B, V] for each row's last input; writes the inputs' keys/values into kv."""
+        allowed = cols[:hi] <= pos.unsqueeze(-1)  # [B, T, hi]
+        bias = torch.zeros(allowed.shape, dtype=kv.dtype, device=kv.device)
+        bias.masked_fill_(~allowed, torch.finfo(kv.dtype).min)
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=bias.unsqueeze(1),
+            position_ids=pos if self.max_position is None else pos.clamp(max=self.max_position - 1),
+            cache=_SlotCache(kv, pos, hi, rows),
+            use_cache=True,
+        ).logits  # [B, T, V]
+        return logits[:, -1] if last is None else logits[rows[:, 0], last]
+
+
+class _SlotCache:
+    """What a Hugging Face attention layer needs from a cache, over the slot layout."""
+
+    is_compileable = False
+
+    def __init__(self, kv: torch.Tensor, pos: torch.Tensor, hi: int, rows: torch.Tensor) -> None:
+        self.kv, self.pos, self.hi, self.rows = kv, pos, hi, rows
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if keys.shape[1] != self.kv.shape[3] or keys.shape[-1] != self.kv.shape[-1]:
+            raise ValueError(
+                f"layer {layer_idx}: keys {tuple(keys.shape)} do not fit the cache "
+                f"{tuple(self.kv.shape)} sized from the model config"
+            )
+        k, v = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+        k[self.rows, :, self.pos] = keys.transpose(1, 2)
+        v[self.rows, :, self.pos] = values.transpose(1, 2)
+        return k[:, :, : self.hi], v[:, :, : self.hi]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.hi - self.pos.shape[1]
+
+
+class _LlamaRunner:
+    """A lean forward for Llama-architecture models, reading the model's own weights.
+
+    The arithmetic of Hugging Face's ``LlamaForCausalLM`` (RMSNorm, rotary embedding, SiLU
+    MLP, in the same order, so greedy tokens agree), without its per-call machinery: building
+    masks, output records and module dispatch cost more than a micro model's matmuls. Fewer
+    ops per layer: q/k/v and gate/up are one matmul each, the rotary "rotate half" is one roll
+    with a signed sine table, the vocabulary projection runs only on each row's last position.
+    Weights are re-read whenever a parameter changes (training between rollouts).
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        cfg = _text_config(model)
+        self.model = model
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self._version: tuple[int, ...] | None = None
+        self._layers: list[tuple[torch.Tensor, ...]] = []
+        self._rope: tuple[torch.Tensor, ...] = (torch.empty(0),) * 3  # inv_freq, cos, signed sin
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        cfg = getattr(model, "config", None)
+        if type(model).__name__ != "LlamaForCausalLM" or cfg is None:
+            return False
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        return (
+            cfg.hidden_act == "silu"
+            and rope.get("rope_type", "default") == "default"
+            and getattr(cfg, "pretraining_tp", 1) == 1
+            and not getattr(cfg, "attention_bias", False)
+            and not getattr(cfg, "mlp_bias", False)
+            and getattr(rotary, "attention_scaling", None) == 1.0
+        )
+
+    def refresh(self, version: tuple[int, ...]) -> None:
+        """Re-read the weights if a parameter changed since the last call."""
+        if version == self._version:
+            return
+        self._version = version
+        self._layers = []
+        for layer in self.model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            self._layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    qkv,
+                    att.o_proj.weight,
+                    layer.post_attention_layernorm.weight,
+                    gate_up,
+                    mlp.down_proj.weight,
+                )
+            )
+        self._final_norm = self.model.model.norm.weight
+        self._embed = self.model.get_input_embeddings().weight
+        self._head = self.model.get_output_embeddings().weight
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op, the same arithmetic as below
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    def _cos_sin(self, pos: torch.Tensor, hi: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables looked up by position: the values HF computes for those positions,
+        the sine negated on the first half so that ``rotate_half(x) * sin`` becomes
+        ``roll(x) * signed_sin`` (negation is exact)."""
+        inv = self.model.model.rotary_emb.inv_freq
+        inv_old, cos, sin = self._rope
+        if len(cos) < hi or inv_old is not inv or cos.dtype != dtype:
+            n = max(256, 2 * hi)
+            freqs = torch.arange(n, device=inv.device).float().unsqueeze(-1) * inv.float()
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            sin[:, : sin.shape[1] // 2].neg_()
+            self._rope = (inv, cos, sin)
+        return cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)  # [B, 1, T, D]
+
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        kv: torch.Tensor,
+        hi: int,
+        last: torch.Tensor | None,
+        cols: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        b, t = ids.shape
+        h, g, d = self.n_heads, self.n_kv, self.head_dim
+        x = F.embedding(ids, self._embed)
+        cos, sin = self._cos_sin(pos, hi, x.dtype)
+        allowed = (cols[:hi] <= pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, hi]
+        for i, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self._layers):
+            qkv = F.linear(self._norm(x, w_in), w_qkv).view(b, t, h + 2 * g, d).transpose(1, 2)
+            qk = qkv[:, : h + g]
+            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+            keys, values = kv[i, 0], kv[i, 1]
+            keys[rows, :, pos] = qk[:, h:].transpose(1, 2)
+            values[rows, :, pos] = qkv[:, h + g :].transpose(1, 2)
+            k, v = keys[:, :, :hi], values[:, :, :hi]
+            if g != h:
+                k = k.repeat_interleave(h // g, dim=1)
+                v = v.repeat_interleave(h // g, dim=1)
+            att = F.scaled_dot_product_attention(qk[:, :h], k, v, attn_mask=allowed)
+            x = x + F.linear(att.transpose(1, 2).reshape(b, t, h * d), w_o)
+            gate, up = F.linear(self._norm(x, w_post), w_gu).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w_down)
+        x = x[:, -1] if last is None else x[rows[:, 0], last]
+        return F.linear(self._norm(x, self._final_norm), self._head)
+
+
 class TransformersBackend:
     """An in-process Hugging Face causal LM with per-request KV caches kept across calls.
 
-    Requests of one call are decoded together as a batch. Each request's cached keys/values
-    are stitched into one batch cache (left-padded), its unseen suffix is prefilled (also
-    left-padded, so the last column is every row's newest token), and after decoding each
-    row's real positions are gathered back into a compact per-request cache. Padding is
-    masked out and never cached, so a request's tokens do not depend on its batch-mates
-    beyond floating-point noise.
+    Every request owns a slot of one preallocated key/value store, with its context token j
+    at column j (see :class:`_KVStore`). A call prefills only what a request has not cached
+    (the longest common prefix with its cached tokens is reused; a context that diverges
+    simply overwrites from there), right-padded to the longest such suffix, then decodes all
+    requests together one token per step until each has stopped. Nothing is stitched or
+    padded in the cache: a batch whose slots are consecutive works on a view of the store,
+    any other batch gathers its rows once per call and writes back only the columns it wrote.
+    The mask is "column <= own position", so a request's tokens do not depend on its
+    batch-mates beyond floating-point noise.
+
+    ``fast`` picks the forward: a lean re-implementation for standard Llama models (the micro
+    pair; numerically the same arithmetic), else the model's own forward with the slot cache
+    plugged in. ``None`` (default) uses the lean one where supported.
     """
 
-    def __init__(self, model: PreTrainedModel, *, use_cache: bool = True, name: str = "model"):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        use_cache: bool = True,
+        name: str = "model",
+        fast: bool | None = None,
+    ):
+        if fast and not _LlamaRunner.supports(model):
+            raise ValueError(f"fast=True needs a standard Llama model, not {type(model).__name__}")
         self.model = model.eval()
         self.name = name
         self.use_cache = use_cache
@@ -121,18 +370,64 @@ class TransformersBackend:
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
         pad = cfg.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_token_ids), 0))
-        self._caches: dict[Hashable, _CacheEntry] = {}
+        use_fast = _LlamaRunner.supports(model) if fast is None else fast
+        self._runner = _LlamaRunner(model) if use_fast else _HFRunner(model)
+        text = _text_config(model)
+        heads = text.num_attention_heads
+        self._geometry = (
+            text.num_hidden_layers,
+            getattr(text, "num_key_value_heads", None) or heads,
+            getattr(text, "head_dim", None) or text.hidden_size // heads,
+        )
+        window = getattr(text, "sliding_window", None)
+        self._window = window if getattr(text, "use_sliding_window", True) is not False else None
+        self._store: _KVStore | None = None
+        self._entries: dict[Hashable, _Entry] = {}
+        # the parameters as of now: updates in place are noticed, replaced modules are not
+        self._params = list(model.parameters())
+        self._version = _params_version(self._params)
+        self._cols = torch.empty(0, dtype=torch.long)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def fast(self) -> bool:
+        return isinstance(self._runner, _LlamaRunner)
+
     def release(self, key: Hashable) -> None:
-        self._caches.pop(key, None)
+        entry = self._entries.pop(key, None)
+        if entry is not None and self._store is not None:
+            self._store.release(entry.slot)
 
     def cached_tokens(self, key: Hashable) -> int:
-        entry = self._caches.get(key)
+        entry = self._entries.get(key)
         return len(entry.ids) if entry else 0
+
+    def _sync(self) -> torch.device:
+        """Follow the model: new weights invalidate cached keys/values, a move the store."""
+        dev, dtype = self._params[0].device, self._params[0].dtype
+        version = _params_version(self._params)
+        if version != self._version:
+            self._version = version
+            for entry in self._entries.values():
+                entry.ids = []
+        if self._store is None or self._store.data.device != dev or self._store.data.dtype != dtype:
+            store = _KVStore(*self._geometry, dtype=dtype, device=dev)
+            for entry in self._entries.values():
+                entry.slot, entry.ids = store.acquire(), []
+            self._store = store
+        self._runner.refresh(version)
+        return dev
+
+    def _index(self, items: list[int], dev: torch.device) -> torch.Tensor:
+        return torch.tensor(items, dtype=torch.long, device=dev)
+
+    def _columns(self, n: int, dev: torch.device) -> torch.Tensor:
+        if len(self._cols) < n or self._cols.device != dev:
+            self._cols = torch.arange(max(n, 2 * len(self._cols), 256), device=dev)
+        return self._cols
 
     @torch.inference_mode()
     def generate(
@@ -144,118 +439,154 @@ class TransformersBackend:
     ) -> list[GenResult]:
         if not requests:
             return []
+        seen: set[Hashable] = set()
         for r in requests:
             if not r.context:
                 raise ValueError(f"request {r.key!r}: empty context (a prompt needs a token)")
-        dev = self.device
-        n_layers = self.model.config.get_text_config().num_hidden_layers
+            if r.key in seen:
+                raise ValueError(f"request key {r.key!r} appears twice in one call")
+            seen.add(r.key)
+        results = [GenResult(tokens=[], finish="length", prefill_tokens=0) for _ in requests]
+        live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        if live:
+            done = self._decode([requests[i] for i in live], stop_token_ids, sampling)
+            for i, res in zip(live, done, strict=True):
+                results[i] = res
+        return results
+
+    def _decode(
+        self, batch: list[GenRequest], stop_token_ids: frozenset[int], sampling: Sampling
+    ) -> list[GenResult]:
+        dev = self._sync()
+        store = self._store
+        assert store is not None
         stops = stop_token_ids | self.eos_token_ids
+        b = len(batch)
+        ctx_len = [len(r.context) for r in batch]
+        max_new = [r.max_new_tokens for r in batch]
 
-        # 1. What each request already has cached, and the suffix it still has to prefill.
-        reuse: list[int] = []
-        for r in requests:
-            entry = self._caches.get(r.key) if self.use_cache else None
-            c = _common_prefix(entry.ids, r.context) if entry else 0
-            reuse.append(min(c, len(r.context) - 1))  # feed at least one token for logits
-        suffixes = [r.context[c:] for r, c in zip(requests, reuse, strict=True)]
-        B, Lc, Ls = len(requests), max(reuse), max(len(s) for s in suffixes)
+        # 1. What each request has cached; the suffix it still has to prefill.
+        entries: list[_Entry] = []
+        if self.use_cache:
+            for r in batch:
+                entry = self._entries.get(r.key)
+                if entry is None:
+                    entry = self._entries[r.key] = _Entry(store.acquire(), [])
+                entries.append(entry)
+            reuse = [
+                min(_common_prefix(e.ids, r.context), n - 1)
+                for e, r, n in zip(entries, batch, ctx_len, strict=True)
+            ]
+            for e, c in zip(entries, reuse, strict=True):
+                del e.ids[c:]  # columns from c on get overwritten (also if this call fails)
+        else:
+            reuse = [0] * b
+        suffixes = [r.context[c:] for r, c in zip(batch, reuse, strict=True)]
+        t = max(len(s) for s in suffixes)
+        # columns: the padded prefill, then lockstep decoding of the longest request
+        width = max(max(reuse) + t, max(ctx_len) + max(max_new), b)
+        if self._window and width > self._window:
+            raise ValueError(
+                f"{self.name}: {width} positions exceed the model's sliding window "
+                f"({self._window}); this backend's mask is full attention"
+            )
+        cols = self._columns(width, dev)
 
-        # 2. Stitch the batch cache: [B, H, Lc, D] per layer, real entries right-aligned.
-        cache = DynamicCache()
-        mask_cols: list[torch.Tensor] = []
-        cached_mask = torch.zeros((B, Lc), dtype=torch.long)
-        if Lc:
-            donor = next(self._caches[r.key] for r, c in zip(requests, reuse, strict=True) if c)
-            for layer in range(n_layers):
-                ks, vs = [], []
-                for r, c in zip(requests, reuse, strict=True):
-                    entry = self._caches[r.key] if c else donor
-                    k, v = entry.kv[layer]
-                    k, v = k[:, :c], v[:, :c]
-                    pad = Lc - c
-                    if pad:
-                        k = torch.nn.functional.pad(k, (0, 0, pad, 0))
-                        v = torch.nn.functional.pad(v, (0, 0, pad, 0))
-                    ks.append(k)
-                    vs.append(v)
-                cache.update(torch.stack(ks), torch.stack(vs), layer)
-            for i, c in enumerate(reuse):
-                cached_mask[i, Lc - c :] = 1
-        mask_cols.append(cached_mask)
+        # 2. The batch's keys/values: a view of the store, or its rows gathered once (a copy,
+        #    written back at the end).
+        copied = not self.use_cache
+        if self.use_cache:
+            store.reserve(width)
+            slots = [e.slot for e in entries]
+            if slots == list(range(slots[0], slots[0] + b)):
+                kv = store.data[:, :, slots[0] : slots[0] + b, :, :width]
+            else:
+                kv = store.data[:, :, :, :, :width].index_select(2, self._index(slots, dev))
+                copied = True
+        else:
+            layers, heads, dim = self._geometry
+            kv = torch.zeros((layers, 2, b, heads, width, dim), dtype=store.data.dtype, device=dev)
 
-        # 3. Prefill the unseen suffixes, left-padded to a common width.
-        input_ids = torch.full((B, Ls), self.pad_id, dtype=torch.long)  # [B, Ls]
-        suffix_mask = torch.zeros((B, Ls), dtype=torch.long)  # [B, Ls]
-        positions = torch.zeros((B, Ls), dtype=torch.long)  # [B, Ls]
-        for i, (s, c) in enumerate(zip(suffixes, reuse, strict=True)):
-            input_ids[i, Ls - len(s) :] = torch.tensor(s)
-            suffix_mask[i, Ls - len(s) :] = 1
-            positions[i, Ls - len(s) :] = torch.arange(c, c + len(s))
-        mask_cols.append(suffix_mask)
-        next_pos = torch.tensor([len(r.context) for r in requests])  # [B]
+        def write_back(rows_of_kv: list[int], batch_rows: list[int]) -> None:
+            """Copy columns min(reuse)..(last fed) of some rows of a copied kv to the store."""
+            if not self.use_cache or not copied or not batch_rows:
+                return
+            lo = min(reuse)
+            hi = max(ctx_len[i] + len(fed[i]) for i in batch_rows)
+            src = kv if rows_of_kv == list(range(len(kv[0, 0]))) else None
+            if src is None:
+                src = kv.index_select(2, self._index(rows_of_kv, dev))
+            dst = self._index([entries[i].slot for i in batch_rows], dev)
+            store.data[:, :, dst, :, lo:hi] = src[:, :, :, :, lo:hi]
 
-        out = [list[int]() for _ in requests]
-        finish = ["length"] * B
-        active = [r.max_new_tokens > 0 for r in requests]
-        for i, a in enumerate(active):
-            if not a:
-                finish[i] = "length"
-        fed_new = [list[int]() for _ in requests]  # generated tokens whose KV got cached
-        step_ids, step_pos = input_ids, positions
-        while any(active):
-            attn = torch.cat(mask_cols, dim=1).to(dev)
-            logits = self._forward(step_ids.to(dev), attn, step_pos.to(dev), cache)
-            last = logits[:, -1, :]  # [B, V]
-            nxt = torch.full((B, 1), self.pad_id, dtype=torch.long)
-            col = torch.zeros((B, 1), dtype=torch.long)
-            for i, r in enumerate(requests):
+        # 3. Prefill the unseen suffixes, right-padded: pads sit past each row's context, in
+        #    columns its later tokens overwrite before anything attends to them.
+        rows = cols[:b].unsqueeze(1)  # [B, 1]
+        ids = torch.tensor(
+            [s + [self.pad_id] * (t - len(s)) for s in suffixes], dtype=torch.long, device=dev
+        )
+        pos = torch.tensor(reuse, device=dev).unsqueeze(1) + cols[:t]
+        last = torch.tensor([len(s) - 1 for s in suffixes], device=dev)
+        logits = self._runner(ids, pos, kv, max(reuse) + t, last, cols, rows)
+
+        # 4. Decode in lockstep: step k feeds each row's newest token at column context + k.
+        #    A finished row's input is junk written past its last fed token, never attended
+        #    to; once at most half the rows are active, the finished ones are dropped.
+        out: list[list[int]] = [[] for _ in batch]
+        fed: list[list[int]] = [[] for _ in batch]
+        finish = ["length"] * b
+        active = [True] * b
+        n_active = b
+        cur = list(range(b))  # the batch row of each kv row
+        greedy = sampling.temperature == 0
+        pos = torch.tensor(ctx_len, device=dev).unsqueeze(1)  # [rows, 1]
+        k = 0
+        while True:
+            if greedy:
+                tok = logits.argmax(dim=-1)
+                toks = tok.tolist()
+            else:
+                toks = [
+                    sample_next(logits[j], sampling, batch[i].generator)
+                    if active[i]
+                    else self.pad_id
+                    for j, i in enumerate(cur)
+                ]
+                tok = torch.tensor(toks, device=dev)
+            for j, i in enumerate(cur):
                 if not active[i]:
                     continue
-                tok = sample_next(last[i], sampling, r.generator)
-                out[i].append(tok)
-                if tok in stops:
-                    finish[i] = "stop" if tok in stop_token_ids else "eos"
-                    active[i] = False
-                elif len(out[i]) >= r.max_new_tokens:
-                    active[i] = False
-                else:
-                    nxt[i, 0] = tok
-                    col[i, 0] = 1
-                    fed_new[i].append(tok)
-            if not any(active):
+                tk = toks[j]
+                out[i].append(tk)
+                if tk in stops:
+                    finish[i] = "stop" if tk in stop_token_ids else "eos"
+                elif len(out[i]) < max_new[i]:
+                    fed[i].append(tk)
+                    continue
+                active[i] = False
+                n_active -= 1
+            if not n_active:
                 break
-            mask_cols.append(col)
-            step_ids, step_pos = nxt, next_pos.unsqueeze(1).clone()
-            next_pos = next_pos + col[:, 0]
+            if n_active <= len(cur) // 2:
+                keep = [j for j, i in enumerate(cur) if active[i]]
+                gone = [j for j, i in enumerate(cur) if not active[i]]
+                write_back(gone, [cur[j] for j in gone])
+                keep_t = self._index(keep, dev)
+                kv = kv.index_select(2, keep_t)
+                copied = True
+                cur = [cur[j] for j in keep]
+                tok, pos, rows = tok[keep_t], pos[keep_t], cols[: len(cur)].unsqueeze(1)
+            hi = max(ctx_len[i] for i in cur) + k + 1
+            logits = self._runner(tok.unsqueeze(1), pos, kv, hi, None, cols, rows)
+            pos = pos + 1
+            k += 1
 
-        # 4. Gather each row's real positions back into a compact per-request cache.
+        # 5. Keep what was computed.
         if self.use_cache:
-            full_mask = torch.cat(mask_cols, dim=1)  # [B, total] (last column may be unfed)
-            for i, r in enumerate(requests):
-                idx = torch.nonzero(full_mask[i, : self._cache_len(cache)], as_tuple=True)[0]
-                idx = idx.to(dev)
-                kv = []
-                for layer in range(n_layers):
-                    k, v = self._layer_kv(cache, layer)
-                    kv.append((k[i].index_select(1, idx), v[i].index_select(1, idx)))
-                self._caches[r.key] = _CacheEntry(ids=list(r.context) + fed_new[i], kv=kv)
-
+            write_back(list(range(len(cur))), cur)
+            for e, r, f in zip(entries, batch, fed, strict=True):
+                e.ids = list(r.context) + f
         return [
             GenResult(tokens=o, finish=f, prefill_tokens=len(s))
             for o, f, s in zip(out, finish, suffixes, strict=True)
         ]
-
-    def _forward(
-        self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache: DynamicCache
-    ) -> torch.Tensor:
-        return self.model(
-            input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True
-        ).logits
-
-    @staticmethod
-    def _layer_kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lay = cache.layers[layer]
-        return lay.keys, lay.values
-
-    def _cache_len(self, cache: DynamicCache) -> int:
-        return cache.get_seq_length()
