@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     from relaypipe.relay.http_backend import TeacherUnavailable
 
     try:
-        return {"decode": cmd_decode, "serve": cli_serve.run, "bench": cli_bench.run}[args.command](args)
+        commands = {"decode": cmd_decode, "serve": cli_serve.run, "bench": cli_bench.run}
+        return commands[args.command](args)
     except (TeacherUnavailable, OSError) as err:  # a clear line, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,8 +22,10 @@ from pandera.typing import Series
 from relaypipe.tasks.base import Problem
 
 __all__ = [
+    "EVAL_MODES",
     "PROBLEM_COLUMNS",
     "SPLITS",
+    "EvalRequestSchema",
     "FilteredProblemSchema",
     "ProblemSchema",
     "SFTExampleSchema",
@@ -126,3 +128,70 @@ def frame_to_problems(df: pd.DataFrame) -> list[Problem]:
         record["difficulty"] = int(record["difficulty"])
         problems.append(Problem(**record))
     return problems
+
+
+# Evaluation modes (stage ``evaluate``): which student, and how the decoder may use the teacher.
+EVAL_MODES: Final[tuple[str, ...]] = (
+    "student",  # the bootstrap student alone
+    "warmup",  # the warmed-up student, calls blocked
+    "relay",  # the GRPO student, calls answered by the teacher
+    "teacher_free",  # the GRPO student, calls blocked (the paper's teacher-free mode)
+    "teacher",  # the teacher alone
+    "random_router",  # the bootstrap student, each token the teacher's with probability router_p
+)
+
+
+class EvalRequestSchema(pa.DataFrameModel):
+    """One evaluated request (stage ``evaluate``): a problem of a benchmark decoded in one mode.
+
+    Read by ``report``, which turns the counts into call ratio, FLOPs, money and latency
+    (relaypipe/evaluate/cost.py).
+    """
+
+    # The benchmark table's name (data/problems/benchmarks/<benchmark>.parquet).
+    benchmark: Series[str] = pa.Field(str_length={"min_value": 1})
+    mode: Series[str] = pa.Field(isin=list(EVAL_MODES))
+    # random_router: the probability that a token is the teacher's; -1 for every other mode
+    # (-1 rather than NaN: parquet and pandas keep it, and equality joins work).
+    router_p: Series[float] = pa.Field(ge=-1.0, le=1.0)
+    problem_id: Series[str] = pa.Field(str_length={"min_value": 1})
+    correct: Series[bool]
+    # Generated tokens by source; student_tokens includes its commands (command_tokens).
+    student_tokens: Series[int] = pa.Field(ge=0)
+    teacher_tokens: Series[int] = pa.Field(ge=0)
+    command_tokens: Series[int] = pa.Field(ge=0)
+    calls: Series[int] = pa.Field(ge=0)  # hand-offs that ran
+    # Context tokens the teacher processed over all its calls with its prefix (KV) cache...
+    teacher_prefill_tokens: Series[int] = pa.Field(ge=0)
+    # ...and the full teacher-view context at each call, summed: what an uncached teacher reads.
+    teacher_context_tokens: Series[int] = pa.Field(ge=0)
+    student_prefill_tokens: Series[int] = pa.Field(ge=0)
+    # Wall time from the start of the request's batch until it finished.
+    latency_s: Series[float] = pa.Field(ge=0.0)
+
+    # Cross-column rules. Each returns one bool for the whole table: relaypipe.io reports a
+    # table-level check as one line, whereas a per-row result would list every cell of every
+    # failing row as if it were a column name.
+    @pa.dataframe_check(name="router_p in [0, 1] for random_router rows, -1 for all others")
+    @classmethod
+    def _router_p(cls, df: pd.DataFrame) -> bool:
+        router = df["mode"] == "random_router"
+        ok = (router & df["router_p"].between(0.0, 1.0)) | (~router & (df["router_p"] == -1.0))
+        return bool(ok.all())
+
+    @pa.dataframe_check(name="command_tokens <= student_tokens")
+    @classmethod
+    def _commands(cls, df: pd.DataFrame) -> bool:
+        return bool((df["command_tokens"] <= df["student_tokens"]).all())
+
+    @pa.dataframe_check(name="teacher_prefill_tokens <= teacher_context_tokens")
+    @classmethod
+    def _prefill(cls, df: pd.DataFrame) -> bool:
+        # A cache can only save work: the cached prefill never exceeds the full contexts.
+        return bool((df["teacher_prefill_tokens"] <= df["teacher_context_tokens"]).all())
+
+    class Config:
+        strict = True
+        coerce = True
+        # One row per problem per run; a duplicate would be counted twice in every average.
+        unique = ("benchmark", "mode", "router_p", "problem_id")

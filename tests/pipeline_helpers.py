@@ -46,7 +46,13 @@ def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
 
 
 SMALL_PARAMS: dict[str, Any] = {
-    "prepare": {"n_train": 300, "n_eval": 24},
+    "prepare": {
+        "n_train": 300, "n_eval": 24,
+        "benchmarks": [
+            {"name": "arith-d1t6", "difficulty": 1, "terms": 6, "n": 6},
+            {"name": "arith-d1t8", "difficulty": 1, "terms": 8, "n": 6},
+        ],
+    },
     "bootstrap": {
         "student": {"hidden_size": 16, "intermediate_size": 32},
         "teacher": {"hidden_size": 32, "layers": 1, "intermediate_size": 64},
@@ -65,6 +71,7 @@ SMALL_PARAMS: dict[str, Any] = {
     "grpo": {"eval_n": 8, "max_new_tokens": 24,
              "trainer": {"max_steps": 1, "per_device_train_batch_size": 8, "num_generations": 4,
                          "save_steps": 1}},
+    "evaluate": {"router_p": [0.2, 0.5], "max_new_tokens": 24, "batch_size": 8},
 }
 
 

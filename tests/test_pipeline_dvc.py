@@ -37,6 +37,43 @@ def test_repro_writes_every_artifact(repo):
     assert (repo / "data/models/relay/model.safetensors").is_file()
     assert (repo / "data/grpo/live/metrics.json").is_file()  # DVCLive summary
     assert not (repo / "data/checkpoints/grpo").exists()  # removed after a finished run
+    for name in ("arith-d1t6", "arith-d1t8"):
+        bench = pd.read_parquet(repo / f"data/problems/benchmarks/{name}.parquet")
+        assert len(bench) == 6 and set(bench.split) == {"benchmark"}
+        assert not set(bench.question) & set(train.question)
+    requests = pd.read_parquet(repo / "data/eval/requests.parquet")
+    # 2 benchmarks x 6 problems x (5 modes + 2 router p)
+    assert len(requests) == 2 * 6 * 7
+    report = json.loads((repo / "data/eval/metrics.json").read_text())
+    modes = ("student", "warmup", "relay", "teacher_free", "teacher", "random_router")
+    keys = (
+        "accuracy",
+        "accuracy_ci_low",
+        "accuracy_ci_high",
+        "call_ratio",
+        "teacher_tokens",
+        "student_tokens",
+        "teacher_prefill_tokens",
+        "flops",
+        "cost_usd",
+        "latency_s",
+    )
+    for mode in modes[:-1]:  # the matched router may be null (off its curve): see notes
+        assert set(keys) <= set(report["modes"][mode])
+        for name in ("arith-d1t6", "arith-d1t8"):
+            assert set(keys) <= set(report["benchmarks"][name][mode])
+    assert "random_router" in report["modes"] or "modes.random_router" in report["notes"]
+    for key in (
+        "gap_recovered",
+        "cost_reduction_vs_matched_router",
+        "cost_reduction_vs_matched_router_flops",
+    ):
+        assert key in report and (report[key] is not None or key in report["notes"])
+    assert (repo / "data/eval/report.md").read_text().startswith("# Evaluation report")
+    assert (repo / "data/eval/tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = sh("dvc", "metrics", "show", "--json", cwd=repo).stdout
+    assert "cost_reduction_vs_matched_router" in shown
+    assert json.loads((repo / "data/eval/plots/tradeoff.json").read_text())
 
 
 def test_second_repro_does_nothing_and_a_param_change_reruns_only_its_stage(repo):
@@ -48,7 +85,9 @@ def test_second_repro_does_nothing_and_a_param_change_reruns_only_its_stage(repo
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     changed = sh("dvc", "repro", cwd=repo)
     ran = [line for line in changed.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'grpo':"]
+    # ... and what reads its model, if the model changed (evaluate, then report).
+    assert ran[0] == "Running stage 'grpo':"
+    assert ran[1:] in ([], ["Running stage 'evaluate':", "Running stage 'report':"])
     assert sh("dvc", "status", cwd=repo).stdout.strip() in (
         "",
         "Data and pipelines are up to date.",

@@ -1,22 +1,85 @@
-"""Stage ``prepare``: write the train and eval problem tables.
+"""Stage ``prepare``: write the train and eval problem tables, and the benchmark tables.
 
 Run: ``python -m relaypipe.stages.prepare`` (reads ``params.yaml:prepare``), ``dvc repro prepare``.
-Writes ``data/problems/train.parquet`` and ``data/problems/eval.parquet`` (ProblemSchema).
+Writes ``data/problems/train.parquet``, ``data/problems/eval.parquet`` and one
+``data/problems/benchmarks/<name>.parquet`` per entry of ``benchmarks`` (all ProblemSchema).
 Eval questions never occur in train: colliding train draws are skipped and replaced.
+
+Benchmarks (split ``benchmark``) are what the ``evaluate`` stage reports; ``eval`` stays the
+model-selection split of training. Each entry is either
+
+* procedural arith: ``{name, difficulty, terms, n}``, drawn fresh with its own RNG stream, so a
+  benchmark of the training shape (e.g. ``arith-d1t6``) is the eval distribution but not the
+  eval problems, and one with more terms or digits is out of the training distribution; or
+* a question/answer table (``relaypipe.tasks.dataset``): ``{name, source, split, n, ...column
+  mapping}`` with a local JSONL/Parquet/CSV file, an fsspec URL or a hub id (e.g. GSM8K:
+  ``source: openai/gsm8k, config: main, split: test``). A local file source must also be listed
+  under this stage's ``deps`` in dvc.yaml, or DVC will not notice when it changes.
+
+Every benchmark question is disjoint from train and eval (and from itself): repeats are dropped,
+arith redraws until it has ``n``. Not in the paper, which evaluates on public math sets only.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from relaypipe.io import write_table
 from relaypipe.schemas import ProblemSchema, problems_to_frame
 from relaypipe.stages.common import stage_params
 from relaypipe.tasks.arith import ArithSpec, generate, make_problem
+from relaypipe.tasks.base import Problem
+from relaypipe.tasks.dataset import DatasetSpec, load_problems
 
 log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# An arith benchmark gives up after this many draws per wanted problem: a tiny question space
+# (e.g. one digit, two terms) cannot hold n fresh questions, and looping forever helps nobody.
+_MAX_DRAWS_PER_PROBLEM = 50
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One benchmark table: procedural arith (no ``source``) or a dataset file / hub id."""
+
+    name: str  # file name under out_dir/benchmarks and the column label in the report
+    n: int | None = None  # problems; required for arith, a row limit for a dataset (None: all)
+    difficulty: int = 1  # arith: digits per operand
+    terms: int = 6  # arith: operands per problem
+    source: str | None = None  # dataset: file, fsspec URL or hub id (relaypipe.tasks.dataset)
+    split: str = "test"  # dataset: hub split
+    config: str | None = None  # dataset: hub config ("main" for openai/gsm8k)
+    question_column: str = "question"
+    answer_column: str = "answer"
+    solution_column: str | None = None
+    id_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"benchmark name {self.name!r} must be a plain file name ([\\w.-])")
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"benchmark {self.name}: n must be >= 1, got {self.n}")
+        if self.source is None:
+            if self.n is None:
+                raise ValueError(f"benchmark {self.name}: an arith benchmark needs n")
+            ArithSpec(difficulty=self.difficulty, terms=self.terms)  # validates the knobs
+
+    def dataset_spec(self) -> DatasetSpec:
+        assert self.source is not None
+        return DatasetSpec(
+            source=self.source,
+            split=self.split,
+            config=self.config,
+            question_column=self.question_column,
+            answer_column=self.answer_column,
+            solution_column=self.solution_column,
+            id_column=self.id_column,
+            name=self.name,
+        )
 
 
 @dataclass(frozen=True)
@@ -26,11 +89,51 @@ class PrepareParams:
     terms: int = 6  # operands per problem
     n_train: int = 20000
     n_eval: int = 500
+    benchmarks: list[BenchmarkSpec] = field(default_factory=list)
     out_dir: str = "data/problems"
 
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_eval < 1:
             raise ValueError("n_train and n_eval must be >= 1")
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"benchmark names must be unique, got {names}")
+
+
+def arith_benchmark(spec: BenchmarkSpec, seed: int, seen: set[str]) -> list[Problem]:
+    """``spec.n`` fresh arith problems whose questions are not in ``seen`` (nor repeated)."""
+    arith = ArithSpec(difficulty=spec.difficulty, terms=spec.terms)
+    assert spec.n is not None
+    # The split string feeds the RNG: "benchmark" gives a stream independent of train/eval.
+    out, taken, index = [], set(seen), 0
+    while len(out) < spec.n:
+        if index >= _MAX_DRAWS_PER_PROBLEM * spec.n:
+            raise ValueError(
+                f"benchmark {spec.name}: only {len(out)} of {spec.n} fresh questions in "
+                f"{index} draws; {arith.name} has too few distinct questions left"
+            )
+        p = make_problem(arith, seed, "benchmark", index)
+        index += 1
+        if p.question not in taken:
+            taken.add(p.question)
+            out.append(p)
+    if index > spec.n:
+        log.info("benchmark %s: skipped %d repeated draws", spec.name, index - spec.n)
+    return out
+
+
+def dataset_benchmark(spec: BenchmarkSpec, seen: set[str]) -> list[Problem]:
+    """The dataset's rows (first ``n``) minus questions already in train/eval or repeated."""
+    out, taken = [], set(seen)
+    for p in load_problems(spec.dataset_spec()):
+        if p.question not in taken:
+            taken.add(p.question)
+            out.append(p)
+        if spec.n is not None and len(out) >= spec.n:
+            break
+    if not out:
+        raise ValueError(f"benchmark {spec.name}: no usable rows in {spec.source}")
+    return out
 
 
 def run(params: PrepareParams) -> dict[str, int]:
@@ -48,7 +151,27 @@ def run(params: PrepareParams) -> dict[str, int]:
     out = Path(params.out_dir)
     write_table(problems_to_frame(train, "train"), out / "train.parquet", ProblemSchema)
     write_table(problems_to_frame(evaluation, "eval"), out / "eval.parquet", ProblemSchema)
-    return {"n_train": len(train), "n_eval": len(evaluation)}
+    counts = {"n_train": len(train), "n_eval": len(evaluation)}
+
+    seen = held_out | {p.question for p in train}
+    bench_dir = out / "benchmarks"
+    wanted = {f"{b.name}.parquet" for b in params.benchmarks}
+    if bench_dir.is_dir():
+        # This stage owns the folder: a benchmark dropped from params must not linger there and
+        # be evaluated by a run outside DVC (DVC itself clears declared outputs first).
+        for stale in bench_dir.glob("*.parquet"):
+            if stale.name not in wanted:
+                log.info("removing %s: no longer in prepare.benchmarks", stale)
+                stale.unlink()
+    for bench in params.benchmarks:
+        if bench.source is None:
+            problems = arith_benchmark(bench, params.seed, seen)
+        else:
+            problems = dataset_benchmark(bench, seen)
+        path = bench_dir / f"{bench.name}.parquet"
+        write_table(problems_to_frame(problems, "benchmark"), path, ProblemSchema)
+        counts[f"benchmark/{bench.name}"] = len(problems)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
