@@ -1,0 +1,445 @@
+"""From per-request rows to the reported numbers: metrics.json, the trade-off plot, report.md.
+
+Library code of the ``report`` stage (``python -m relaypipe.stages.report``); cost definitions
+are in relaypipe/evaluate/cost.py.
+
+Shape of the metrics (``M`` = accuracy, accuracy_ci_low/high, call_ratio, teacher_tokens,
+student_tokens, teacher_prefill_tokens, teacher_context_tokens, flops, flops_uncached, cost_usd,
+cost_usd_uncached, latency_s, ...; token, FLOP, money and latency values are means per request):
+
+* ``benchmarks.<name>.<mode>.M``: one benchmark. ``random_router`` there is the router sweep
+  interpolated at the relay's call ratio on that benchmark (the paper's "matched call ratio").
+* ``modes.<mode>.M``: the macro average over benchmarks (each benchmark weighs the same, as the
+  paper's "avg" column). Its accuracy interval is Wilson on the pooled counts (equal to the
+  macro average when every benchmark has the same n).
+* ``gap_recovered`` = (relay − student) / (teacher − student), on macro accuracies.
+* ``cost_reduction_vs_matched_router`` = 1 − relay call ratio / call ratio of the router
+  interpolated to the relay's macro accuracy (the paper's teacher-token measure), and
+  ``..._flops`` the same on total FLOPs per request. ``matched_router`` holds that point.
+* ``headline_by_benchmark.<name>``: the three headline numbers per benchmark.
+* ``notes.<key>``: why a number is null. A relay accuracy outside the router curve's accuracy
+  range (below the student, i.e. p = 0, or above the best point) has no performance-matched
+  router: the reduction is null, never extrapolated.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from relaypipe.evaluate.cost import (
+    CostModel,
+    Interpolated,
+    interpolate_curve,
+    match_accuracy,
+    request_costs,
+    summarize_requests,
+    wilson_interval,
+)
+from relaypipe.evaluate.suite import NOT_A_ROUTER
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MODE_ORDER", "build_metrics", "plot_points", "render_markdown", "render_png"]
+
+# Row order of the report (the paper's: baselines, the method, the teacher last).
+MODE_ORDER = ("student", "warmup", "teacher_free", "random_router", "relay", "teacher")
+MODE_TITLES = {
+    "student": "student (bootstrap)",
+    "warmup": "warm-up student, teacher-free",
+    "teacher_free": "RelayLLM student, teacher-free",
+    "random_router": "random router at relay's call ratio",
+    "relay": "RelayLLM (relay)",
+    "teacher": "teacher",
+}
+_SIGNIFICANT = 6
+
+
+def _round(value: Any) -> Any:
+    """Six significant digits: stable JSON bytes, and tiny dollar amounts keep their value."""
+    if isinstance(value, float):
+        return float(f"{value:.{_SIGNIFICANT}g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    return value
+
+
+def _router_curve(
+    routers: Sequence[dict[str, float]], modes: Mapping[str, dict[str, float]]
+) -> list[dict[str, float]]:
+    """The sweep in p order, anchored at p = 0 by ``student`` and p = 1 by ``teacher``.
+
+    The anchors are exact, not assumed: the router at p = 0 is the bootstrap student decoding
+    alone, at p = 1 the teacher writing everything. A measured router point at 0 or 1 wins.
+    """
+    points = {r["router_p"]: r for r in routers}
+    if 0.0 not in points and "student" in modes:
+        points[0.0] = {**modes["student"], "router_p": 0.0}
+    if 1.0 not in points and "teacher" in modes:
+        points[1.0] = {**modes["teacher"], "router_p": 1.0}
+    return [points[p] for p in sorted(points)]
+
+
+def _with_ci(values: dict[str, float], n: float, confidence: float) -> dict[str, float]:
+    # An interpolated accuracy is not a count; Wilson at that proportion with the benchmark's n
+    # is the interval a router measured at exactly that point would get.
+    low, high = wilson_interval(values["accuracy"] * n, n, confidence)
+    return {**values, "n": n, "accuracy_ci_low": low, "accuracy_ci_high": high}
+
+
+def _ratio_reduction(relay: float, router: float, what: str) -> tuple[float | None, str | None]:
+    if router <= 0:
+        # p = 0 already matches the relay: relative to zero teacher use, no ratio exists.
+        return None, f"the matched router's {what} is 0 (it needs no teacher): no ratio"
+    return 1 - relay / router, None
+
+
+def _headline(
+    modes: Mapping[str, dict[str, float]], curve: Sequence[dict[str, float]]
+) -> tuple[dict[str, Any], dict[str, str], Interpolated | None]:
+    """gap_recovered and the cost reductions against the performance-matched router."""
+    out: dict[str, Any] = {
+        "gap_recovered": None,
+        "cost_reduction_vs_matched_router": None,
+        "cost_reduction_vs_matched_router_flops": None,
+    }
+    notes: dict[str, str] = {}
+    if "relay" not in modes:
+        for key in out:
+            notes[key] = "the relay mode was not evaluated"
+        return out, notes, None
+    relay = modes["relay"]
+    if "student" in modes and "teacher" in modes:
+        gap = modes["teacher"]["accuracy"] - modes["student"]["accuracy"]
+        if gap > 0:
+            out["gap_recovered"] = (relay["accuracy"] - modes["student"]["accuracy"]) / gap
+        else:
+            # A teacher no better than the student leaves no gap; the ratio would be noise.
+            notes["gap_recovered"] = (
+                f"the teacher ({modes['teacher']['accuracy']:.4g}) is not more accurate than "
+                f"the student ({modes['student']['accuracy']:.4g}): no gap to recover"
+            )
+    else:
+        notes["gap_recovered"] = "needs the student and teacher modes"
+    matched = match_accuracy(curve, relay["accuracy"])
+    if not matched.ok:
+        reason = f"no performance-matched router: relay {matched.reason}"
+        notes["cost_reduction_vs_matched_router"] = reason
+        notes["cost_reduction_vs_matched_router_flops"] = reason
+        return out, notes, matched
+    assert matched.values is not None
+    for key, metric in (
+        ("cost_reduction_vs_matched_router", "call_ratio"),
+        ("cost_reduction_vs_matched_router_flops", "flops"),
+    ):
+        out[key], note = _ratio_reduction(relay[metric], matched.values[metric], metric)
+        if note:
+            notes[key] = note
+    return out, notes, matched
+
+
+def build_metrics(
+    requests: pd.DataFrame, models: Mapping[str, CostModel], confidence: float = 0.95
+) -> dict[str, Any]:
+    """metrics.json's content (see the module docstring) from an EvalRequestSchema table."""
+    if requests.empty:
+        raise ValueError("the requests table is empty: nothing to report")
+    df = request_costs(requests, models)
+    names = sorted(df["benchmark"].unique())
+    benchmarks: dict[str, dict[str, Any]] = {}
+    curves: dict[str, list[dict[str, float]]] = {}
+    notes: dict[str, str] = {}
+    for name in names:
+        sub = df[df["benchmark"] == name]
+        modes = {
+            mode: summarize_requests(rows, confidence)
+            for mode, rows in sub[sub["router_p"] == NOT_A_ROUTER].groupby("mode")
+        }
+        routers = [
+            {**summarize_requests(rows, confidence), "router_p": float(p)}
+            for p, rows in sub[sub["mode"] == "random_router"].groupby("router_p")
+        ]
+        curves[name] = _router_curve(routers, modes)
+        if routers and "relay" in modes:
+            at = interpolate_curve(
+                curves[name], "call_ratio", modes["relay"]["call_ratio"], label="random-router"
+            )
+            if at.ok:
+                assert at.values is not None
+                modes["random_router"] = _with_ci(at.values, modes["relay"]["n"], confidence)
+            else:
+                notes[f"{name}.random_router"] = f"relay {at.reason}"
+        benchmarks[name] = modes
+
+    macro = _macro(benchmarks, names, confidence, notes)
+    macro_curve = _macro_curve(curves, names)
+    headline, headline_notes, matched = _headline(macro, macro_curve)
+    notes.update(headline_notes)
+    by_benchmark = {}
+    for name in names:
+        h, h_notes, _ = _headline(benchmarks[name], curves[name])
+        by_benchmark[name] = h
+        notes.update({f"{name}.{k}": v for k, v in h_notes.items()})
+
+    metrics: dict[str, Any] = {
+        "modes": {m: _round(v) for m, v in macro.items()},
+        "benchmarks": {b: {m: _round(v) for m, v in ms.items()} for b, ms in benchmarks.items()},
+        **_round(headline),
+        "matched_router": _round(matched.values) if matched and matched.ok else None,
+        "headline_by_benchmark": {b: _round(h) for b, h in by_benchmark.items()},
+        "router_curve": {
+            "average": [_round(p) for p in macro_curve],
+            **{b: [_round(p) for p in c] for b, c in curves.items()},
+        },
+        "notes": notes,
+        "confidence": confidence,
+    }
+    return metrics
+
+
+def _macro(
+    benchmarks: Mapping[str, Mapping[str, dict[str, float]]],
+    names: Sequence[str],
+    confidence: float,
+    notes: dict[str, str],
+) -> dict[str, dict[str, float]]:
+    """Per mode, the unweighted mean over benchmarks; a mode missing anywhere is left out."""
+    out: dict[str, dict[str, float]] = {}
+    for mode in MODE_ORDER:
+        have = [b for b in names if mode in benchmarks[b]]
+        if len(have) < len(names):
+            # A mode evaluated nowhere is simply absent; one missing somewhere (the router when
+            # the relay's call ratio is off its curve) gets a reason rather than a partial mean.
+            missing = sorted(set(names) - set(have))
+            if have or any(f"{b}.{mode}" in notes for b in missing):
+                notes[f"modes.{mode}"] = f"no value on {', '.join(missing)}: no average"
+            continue
+        rows = [benchmarks[b][mode] for b in names]
+        avg = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "n"}
+        n = sum(r["n"] for r in rows)
+        # Pooled counts for the interval (see the module docstring).
+        pooled = sum(r["accuracy"] * r["n"] for r in rows)
+        avg["accuracy_ci_low"], avg["accuracy_ci_high"] = wilson_interval(pooled, n, confidence)
+        avg["n"] = n
+        out[mode] = avg
+    return out
+
+
+def _macro_curve(
+    curves: Mapping[str, Sequence[dict[str, float]]], names: Sequence[str]
+) -> list[dict[str, float]]:
+    """The router curve averaged over benchmarks at each p that every benchmark has."""
+    common = set.intersection(*({p["router_p"] for p in curves[b]} for b in names))
+    out = []
+    for p in sorted(common):
+        rows = [next(q for q in curves[b] if q["router_p"] == p) for b in names]
+        keys = [k for k in rows[0] if all(isinstance(r.get(k), int | float) for r in rows)]
+        out.append({k: sum(r[k] for r in rows) / len(rows) for k in keys})
+    return out
+
+
+# ------------------------------------------------------------------------- plots and report
+
+
+def plot_points(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """tradeoff.json rows (macro averages): every mode, and every router p, by call ratio."""
+    rows = []
+    for point in metrics["router_curve"]["average"]:
+        p = point["router_p"]
+        rows.append(
+            {
+                "name": f"router p={p:g}",
+                "mode": "random_router_sweep",
+                "router_p": p,
+                "call_ratio": point["call_ratio"],
+                "accuracy": point["accuracy"],
+            }
+        )
+    for mode, values in metrics["modes"].items():
+        rows.append(
+            {
+                "name": mode,
+                "mode": mode,
+                "router_p": NOT_A_ROUTER,
+                "call_ratio": values["call_ratio"],
+                "accuracy": values["accuracy"],
+            }
+        )
+    return rows
+
+
+def render_png(metrics: Mapping[str, Any]) -> bytes:
+    """Accuracy against call ratio: the router sweep as a curve, each mode as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI machines and GPU workers
+    import matplotlib.pyplot as plt
+
+    panels = ["average", *metrics["benchmarks"]]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True
+    )
+    for ax, panel in zip(axes[0], panels, strict=True):
+        modes = metrics["modes"] if panel == "average" else metrics["benchmarks"][panel]
+        curve = metrics["router_curve"][panel]
+        if curve:
+            ax.plot(
+                [p["call_ratio"] for p in curve],
+                [p["accuracy"] for p in curve],
+                "-o",
+                color="0.6",
+                ms=3,
+                label="random router (p sweep)",
+            )
+        for mode in MODE_ORDER:
+            if mode not in modes:
+                continue
+            v = modes[mode]
+            # max(0, .): rounding can put a bound a hair inside an accuracy of exactly 0 or 1
+            err = [
+                [max(0.0, v["accuracy"] - v["accuracy_ci_low"])],
+                [max(0.0, v["accuracy_ci_high"] - v["accuracy"])],
+            ]
+            ax.errorbar(v["call_ratio"], v["accuracy"], yerr=err, fmt="o", capsize=3, label=mode)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlim(-0.001, 1.05)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(panel)
+        ax.set_xlabel("call ratio (teacher tokens / all tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"accuracy ({round(100 * metrics['confidence'])} % Wilson)")
+    # One legend for all panels, below them, so it never hides a point.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _cell(values: Mapping[str, float] | None) -> str:
+    if values is None:
+        return "–"
+    return f"{100 * values['accuracy']:.2f} ({100 * values['call_ratio']:.2f})"
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "null" if value is None else format(value * scale, spec)
+
+
+def render_markdown(metrics: Mapping[str, Any], run_command: str = "") -> str:
+    """report.md: the paper-shaped table, the headline, the honest cost, the router sweep."""
+    names = list(metrics["benchmarks"])
+    modes = metrics["modes"]
+    conf = round(100 * metrics["confidence"])
+    lines = ["# Evaluation report", ""]
+    if run_command:
+        lines += [f"Produced by `{run_command}`.", ""]
+    ns = ", ".join(
+        f"{b} n={int(next(iter(metrics['benchmarks'][b].values()))['n'])}" for b in names
+    )
+    lines += [
+        f"Accuracy % (call ratio % in parentheses) per benchmark ({ns}); "
+        "average = unweighted mean over benchmarks.",
+        "",
+        "| mode | " + " | ".join(names) + " | average |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
+    for mode in MODE_ORDER:
+        if mode not in modes and not any(mode in metrics["benchmarks"][b] for b in names):
+            continue
+        cells = [_cell(metrics["benchmarks"][b].get(mode)) for b in names]
+        cells.append(_cell(modes.get(mode)))
+        lines.append(f"| {MODE_TITLES[mode]} | " + " | ".join(cells) + " |")
+
+    notes = metrics["notes"]
+    lines += ["", "## Headline", ""]
+    headline = [
+        ("gap recovered (relay − student) / (teacher − student)", "gap_recovered"),
+        (
+            "cost reduction vs performance-matched router (call ratio)",
+            "cost_reduction_vs_matched_router",
+        ),
+        (
+            "cost reduction vs performance-matched router (FLOPs)",
+            "cost_reduction_vs_matched_router_flops",
+        ),
+    ]
+    lines += ["| | " + " | ".join(names) + " | average |", "|---|" + "---:|" * (len(names) + 1)]
+    for title, key in headline:
+        per = [_fmt(metrics["headline_by_benchmark"][b][key], ".3f") for b in names]
+        lines.append(f"| {title} | " + " | ".join(per) + f" | {_fmt(metrics[key], '.3f')} |")
+    matched = metrics["matched_router"]
+    if matched:
+        lines += [
+            "",
+            "The router matching the relay's average accuracy "
+            f"({100 * matched['accuracy']:.2f} %) runs at p = {matched['router_p']:.3f}, call "
+            f"ratio {100 * matched['call_ratio']:.2f} %, {matched['flops']:.4g} FLOPs per request.",
+        ]
+    lines += [
+        "",
+        "The matched router is read off the sweep (anchored by the student at p = 0 and the "
+        "teacher at p = 1) as its cheapest point, in p order, that reaches the relay's accuracy, "
+        "by linear interpolation between swept points. Where the relay's accuracy is outside the "
+        "sweep's range, below the cheapest point (the student alone at p = 0 is already more "
+        "accurate) or above every point, there is no performance-matched router: the reduction "
+        "is reported as null with the reason, never extrapolated.",
+    ]
+    if notes:
+        lines += ["", "Nulls and why:", ""]
+        lines += [f"- `{k}`: {v}" for k, v in sorted(notes.items())]
+
+    lines += [
+        "",
+        "## What each mode costs (average over benchmarks, per request)",
+        "",
+        f"| mode | accuracy % [{conf} % CI] | call % | teacher tokens | student tokens | teacher "
+        "prefill, cached | teacher prefill, uncached | FLOPs | FLOPs, uncached teacher | "
+        "USD per 1k requests | USD per 1k, uncached | latency ms |",
+        "|---|" + "---:|" * 11,
+    ]
+    for mode in [m for m in MODE_ORDER if m in modes]:
+        v = modes[mode]
+        lines.append(
+            f"| {MODE_TITLES[mode]} | {100 * v['accuracy']:.2f} "
+            f"[{100 * v['accuracy_ci_low']:.1f}, {100 * v['accuracy_ci_high']:.1f}] "
+            f"| {100 * v['call_ratio']:.2f} | {v['teacher_tokens']:.1f} "
+            f"| {v['student_tokens']:.1f} "
+            f"| {v['teacher_prefill_tokens']:.1f} | {v['teacher_context_tokens']:.1f} "
+            f"| {v['flops']:.4g} | {v['flops_uncached']:.4g} | {1000 * v['cost_usd']:.4g} "
+            f"| {1000 * v['cost_usd_uncached']:.4g} | {1000 * v['latency_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "FLOPs = 2·params per processed token (generated + prefilled) for each model; "
+        '"uncached" charges the teacher its full context at every call instead of what its KV '
+        "cache left to prefill. Money: prefill tokens at the input price, generated tokens at "
+        "the output price (`params.yaml:report.prices`). Latency: request wall time in batched "
+        "decoding. See relaypipe/evaluate/cost.py.",
+        "",
+        "## Random-router sweep (average over benchmarks)",
+        "",
+        "| p | accuracy % | call % | FLOPs | USD per 1k requests |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for point in metrics["router_curve"]["average"]:
+        lines.append(
+            f"| {point['router_p']:g} | {100 * point['accuracy']:.2f} | "
+            f"{100 * point['call_ratio']:.2f} | {point['flops']:.4g} | "
+            f"{1000 * point['cost_usd']:.4g} |"
+        )
+    lines += [
+        "",
+        "p = 0 is the student mode and p = 1 the teacher mode (what the router is at those p).",
+        "",
+        "![accuracy against call ratio](tradeoff.png)",
+        "",
+    ]
+    return "\n".join(lines)

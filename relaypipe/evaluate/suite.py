@@ -1,0 +1,168 @@
+"""Run every evaluation mode on every benchmark and record one row per request.
+
+Library code of the ``evaluate`` stage (``python -m relaypipe.stages.evaluate``). A *mode* names
+which student decodes and what the decoder lets it do with the teacher (``EVAL_MODES`` in
+relaypipe/schemas.py):
+
+===============  ==================  =======================================================
+mode             student model       decoder mode
+===============  ==================  =======================================================
+student          bootstrap student   ``student`` (calls blocked; it never learned them anyway)
+warmup           warmed-up student   ``student`` (teacher-free)
+relay            GRPO student        ``relay`` (calls answered by the teacher)
+teacher_free     GRPO student        ``student`` (calls blocked: what it learned on its own)
+teacher          (none)              ``teacher`` (the teacher writes everything)
+random_router    bootstrap student   ``random_router`` with ``router_p`` = p, one run per p
+===============  ==================  =======================================================
+
+The random router hands each next token to the teacher with probability p, independently
+(DESIGN.md §1), with the bootstrap student writing the rest: it is the no-learning baseline that
+the relay's learned calls are compared with at equal call ratio or equal accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from relaypipe.evaluate.run import decode_problems
+from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.schemas import EVAL_MODES
+from relaypipe.tasks.base import Problem
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MODE_PLAN", "NOT_A_ROUTER", "ModeRun", "evaluate_benchmarks", "plan_runs"]
+
+NOT_A_ROUTER = -1.0  # router_p of every row that is not a random_router run
+
+# mode -> (student model role, decoder mode)
+MODE_PLAN: dict[str, tuple[str, str]] = {
+    "student": ("student", "student"),
+    "warmup": ("warmup", "student"),
+    "relay": ("relay", "relay"),
+    "teacher_free": ("relay", "student"),
+    # The decoder wants a student backend even when it never asks it: the bootstrap one.
+    "teacher": ("student", "teacher"),
+    "random_router": ("student", "random_router"),
+}
+assert set(MODE_PLAN) == set(EVAL_MODES)
+
+
+@dataclass(frozen=True)
+class ModeRun:
+    """One decode of every benchmark problem."""
+
+    mode: str
+    router_p: float = NOT_A_ROUTER
+
+    @property
+    def student_role(self) -> str:
+        return MODE_PLAN[self.mode][0]
+
+    @property
+    def decoder_mode(self) -> str:
+        return MODE_PLAN[self.mode][1]
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} p={self.router_p:g}" if self.mode == "random_router" else self.mode
+
+
+def plan_runs(modes: Sequence[str], router_ps: Sequence[float]) -> list[ModeRun]:
+    """The runs for ``modes``; ``random_router`` expands to one run per p."""
+    unknown = [m for m in modes if m not in MODE_PLAN]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; known: {', '.join(EVAL_MODES)}")
+    runs: list[ModeRun] = []
+    for mode in modes:
+        if mode == "random_router":
+            runs.extend(ModeRun(mode, float(p)) for p in sorted(set(router_ps)))
+        else:
+            runs.append(ModeRun(mode))
+    return runs
+
+
+def evaluate_benchmarks(
+    benchmarks: Mapping[str, Sequence[Problem]],
+    runs: Sequence[ModeRun],
+    decoders: Mapping[str, RelayDecoder],
+    config: RelayConfig,
+    batch_size: int = 100,
+) -> pd.DataFrame:
+    """Decode and grade every benchmark in every run; rows shaped like EvalRequestSchema.
+
+    ``decoders`` maps a student role (``MODE_PLAN``) to a decoder holding that student and the
+    teacher; ``config`` carries bounds, sampling and seed, and each run sets its mode and p.
+    """
+    rows: list[dict] = []
+    jobs = [(name, run) for name in benchmarks for run in runs]
+    bar = tqdm(jobs, desc="evaluate", unit="run")
+    for name, run in bar:
+        bar.set_postfix_str(f"{name} {run.label}")
+        cfg = dataclasses.replace(
+            config,
+            mode=run.decoder_mode,
+            router_p=max(run.router_p, 0.0),
+        )
+        graded = decode_problems(
+            decoders[run.student_role],
+            list(benchmarks[name]),
+            cfg,
+            batch_size=batch_size,
+            desc=f"{name} {run.label}",
+        )
+        for g in graded:
+            tr = g.trace
+            rows.append(
+                {
+                    "benchmark": name,
+                    "mode": run.mode,
+                    "router_p": run.router_p,
+                    "problem_id": g.problem.problem_id,
+                    "correct": g.correct,
+                    "student_tokens": tr.n_student,
+                    "teacher_tokens": tr.n_teacher,
+                    "command_tokens": tr.n_command,
+                    "calls": tr.calls,
+                    "teacher_prefill_tokens": tr.teacher_prefill_tokens,
+                    "teacher_context_tokens": tr.teacher_context_tokens,
+                    "student_prefill_tokens": tr.student_prefill_tokens,
+                    "latency_s": tr.seconds,
+                }
+            )
+        correct = sum(g.correct for g in graded)
+        teacher = sum(g.trace.n_teacher for g in graded)
+        generated = sum(g.trace.n_generated for g in graded) or 1
+        log.info(
+            "%s %s: accuracy %.3f (%d/%d), call ratio %.4f",
+            name,
+            run.label,
+            correct / max(1, len(graded)),
+            correct,
+            len(graded),
+            teacher / generated,
+        )
+    return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
+
+
+REQUEST_COLUMNS = [
+    "benchmark",
+    "mode",
+    "router_p",
+    "problem_id",
+    "correct",
+    "student_tokens",
+    "teacher_tokens",
+    "command_tokens",
+    "calls",
+    "teacher_prefill_tokens",
+    "teacher_context_tokens",
+    "student_prefill_tokens",
+    "latency_s",
+]

@@ -1,0 +1,154 @@
+"""Stage ``evaluate``: every mode on every benchmark, one row per request.
+
+Run: ``python -m relaypipe.stages.evaluate`` (reads ``params.yaml:evaluate``) or
+``dvc repro evaluate``. Reads ``data/problems/benchmarks/*.parquet`` (ProblemSchema, all of them
+unless ``benchmarks`` names some), the bootstrap student, the warmed-up student, the GRPO student
+and the teacher. Writes ``data/eval/requests.parquet`` (EvalRequestSchema: tokens by source,
+calls, teacher prefill with and without prefix caching, student prefill, latency, correctness)
+and ``data/eval/models.json`` (which model each mode used and its parameter count, for FLOPs).
+``report`` turns these into metrics.
+
+Modes (relaypipe/evaluate/suite.py): student, warmup, relay, teacher_free, teacher, and
+random_router at each p of ``router_p``. Greedy by default (``temperature: 0``), like the
+paper's reported numbers. The relay bounds (``relay:``) should equal ``grpo.relay``, the ones
+the student was trained under; they are repeated here because a stage reads only its own
+params section. Departures from the paper: benchmarks are the micro task's difficulty levels
+(plus any dataset from ``prepare.benchmarks``), and the cost is measured in full (see
+relaypipe/evaluate/cost.py), not only as the teacher's token share.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from relaypipe.evaluate.suite import evaluate_benchmarks, plan_runs
+from relaypipe.io import read_table, write_json, write_table
+from relaypipe.micro.models import count_parameters
+from relaypipe.models import load_model
+from relaypipe.relay.backends import Sampling, TransformersBackend
+from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.schemas import EVAL_MODES, EvalRequestSchema, ProblemSchema, frame_to_problems
+from relaypipe.stages.common import stage_params
+from relaypipe.tasks.base import Problem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalRelayBounds:
+    """Relay bounds at evaluation: keep equal to ``grpo.relay``."""
+
+    max_call_tokens: int = 8
+    max_teacher_tokens: int | None = None
+    max_calls: int | None = None
+    max_turns: int = 16
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    modes: list[str] = field(default_factory=lambda: list(EVAL_MODES))
+    router_p: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
+    benchmarks: list[str] | None = None  # names under benchmarks_dir (None: every table there)
+    limit: int | None = None  # the first N problems of each benchmark (None: all)
+    temperature: float = 0.0  # 0: greedy, for student and teacher alike
+    max_new_tokens: int = 96  # enough for the longest worked solution of every benchmark
+    relay: EvalRelayBounds = field(default_factory=EvalRelayBounds)
+    batch_size: int = 100
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    benchmarks_dir: str = "data/problems/benchmarks"
+    student: str = "data/models/student"
+    warmup: str = "data/models/warmup"
+    relay_model: str = "data/models/relay"
+    teacher: str = "data/models/teacher"
+    out_dir: str = "data/eval"
+
+    def __post_init__(self) -> None:
+        plan_runs(self.modes, self.router_p)  # unknown modes fail here, naming the key
+        if not self.modes:
+            raise ValueError("modes is empty")
+        if "random_router" in self.modes and not self.router_p:
+            raise ValueError("random_router needs at least one router_p")
+        if any(not 0.0 <= p <= 1.0 for p in self.router_p):
+            raise ValueError(f"router_p values must be in [0, 1], got {self.router_p}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+
+
+def load_benchmarks(params: EvaluateParams) -> dict[str, list[Problem]]:
+    """Every benchmark table, validated (a broken one fails before any model is loaded)."""
+    folder = Path(params.benchmarks_dir)
+    if params.benchmarks is None:
+        paths = sorted(folder.glob("*.parquet"))
+        if not paths:
+            raise FileNotFoundError(
+                f"{folder}: no benchmark tables; add prepare.benchmarks and run `dvc repro prepare`"
+            )
+    else:
+        paths = [folder / f"{name}.parquet" for name in params.benchmarks]
+    out = {}
+    for path in paths:
+        problems = frame_to_problems(read_table(path, ProblemSchema))
+        out[path.stem] = problems[: params.limit] if params.limit else problems
+    return out
+
+
+def run(params: EvaluateParams) -> dict:
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    benchmarks = load_benchmarks(params)
+    runs = plan_runs(params.modes, params.router_p)
+    paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
+    roles = sorted({r.student_role for r in runs})
+
+    teacher_model, _ = load_model(params.teacher, device=params.device)
+    teacher = TransformersBackend(teacher_model.eval(), name="teacher")
+    decoders, students = {}, {}
+    for role in roles:
+        model, tok = load_model(paths[role], device=params.device)
+        decoders[role] = RelayDecoder(TransformersBackend(model.eval(), name=role), teacher, tok)
+        students[role] = {"path": paths[role], "params": count_parameters(model)}
+
+    sampling = Sampling(temperature=params.temperature)
+    b = params.relay
+    config = RelayConfig(
+        max_new_tokens=params.max_new_tokens,
+        max_turns=b.max_turns,
+        max_call_tokens=b.max_call_tokens,
+        max_teacher_tokens=b.max_teacher_tokens,
+        max_calls=b.max_calls,
+        student_sampling=sampling,
+        teacher_sampling=sampling,
+        seed=params.seed,
+    )
+    with torch.inference_mode():
+        table = evaluate_benchmarks(benchmarks, runs, decoders, config, params.batch_size)
+
+    out = Path(params.out_dir)
+    # The table first: if it breaks its contract, nothing (not even models.json) is written.
+    write_table(table, out / "requests.parquet", EvalRequestSchema)
+    models = {
+        "teacher": {"path": params.teacher, "params": count_parameters(teacher_model)},
+        "students": students,
+        "modes": {r.mode: r.student_role for r in runs},
+    }
+    write_json(out / "models.json", models)
+    summary = {
+        "requests": len(table),
+        "benchmarks": {name: len(problems) for name, problems in benchmarks.items()},
+        "runs": [r.label for r in runs],
+    }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    log.info("evaluate: %s", run(stage_params("evaluate", EvaluateParams, argv)))
+
+
+if __name__ == "__main__":
+    main()

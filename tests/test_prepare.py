@@ -1,0 +1,81 @@
+"""Stage prepare: train/eval unchanged by benchmarks; arith and dataset benchmark tables."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from relaypipe.stages.prepare import BenchmarkSpec, PrepareParams, run
+from relaypipe.tasks.arith import ArithSpec, make_problem
+
+
+def test_benchmarks_are_disjoint_and_leave_train_and_eval_untouched(tmp_path):
+    plain = PrepareParams(n_train=200, n_eval=20, out_dir=str(tmp_path / "plain"))
+    run(plain)
+    train_q = make_problem(ArithSpec(1, 6), 0, "train", 0).question
+    fixture = tmp_path / "qa.jsonl"
+    lines = [
+        {"question": "What is 6 times 7?", "answer": "#### 42"},
+        {"question": train_q, "answer": "1"},  # a train question: dropped
+        {"question": "What is 6 times 7?", "answer": "42"},  # a repeat: dropped
+        {"question": "Half of 10?", "answer": "5"},
+    ]
+    fixture.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with_bench = PrepareParams(
+        n_train=200,
+        n_eval=20,
+        benchmarks=[
+            BenchmarkSpec(name="arith-d1t6", difficulty=1, terms=6, n=30),
+            BenchmarkSpec(name="arith-d1t8", difficulty=1, terms=8, n=10),
+            BenchmarkSpec(name="qa", source=str(fixture)),
+        ],
+        out_dir=str(tmp_path / "bench"),
+    )
+    counts = run(with_bench)
+    assert counts["benchmark/arith-d1t6"] == 30 and counts["benchmark/qa"] == 2
+    for name in ("train", "eval"):  # byte-identical to a run without benchmarks
+        assert (tmp_path / "plain" / f"{name}.parquet").read_bytes() == (
+            tmp_path / "bench" / f"{name}.parquet"
+        ).read_bytes()
+    train = pd.read_parquet(tmp_path / "bench" / "train.parquet")
+    evaluation = pd.read_parquet(tmp_path / "bench" / "eval.parquet")
+    seen = set(train.question) | set(evaluation.question)
+    for name in ("arith-d1t6", "arith-d1t8", "qa"):
+        table = pd.read_parquet(tmp_path / "bench" / "benchmarks" / f"{name}.parquet")
+        assert set(table.split) == {"benchmark"} and table.question.is_unique
+        assert not set(table.question) & seen
+    qa = pd.read_parquet(tmp_path / "bench" / "benchmarks" / "qa.parquet")
+    assert list(qa.answer) == ["42", "5"] and set(qa.task) == {"qa"}
+
+    # a benchmark dropped from params does not linger in the folder
+    run(
+        PrepareParams(
+            n_train=200,
+            n_eval=20,
+            benchmarks=with_bench.benchmarks[:1],
+            out_dir=str(tmp_path / "bench"),
+        )
+    )
+    assert [p.name for p in (tmp_path / "bench" / "benchmarks").iterdir()] == ["arith-d1t6.parquet"]
+
+
+def test_bad_benchmark_specs_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="needs n"):
+        BenchmarkSpec(name="x")
+    with pytest.raises(ValueError, match="terms"):
+        BenchmarkSpec(name="x", terms=9, n=5)
+    with pytest.raises(ValueError, match="plain file name"):
+        BenchmarkSpec(name="../x", n=5)
+    with pytest.raises(ValueError, match="unique"):
+        PrepareParams(benchmarks=[BenchmarkSpec(name="a", n=1), BenchmarkSpec(name="a", n=1)])
+    # one-digit pairs: only 100 questions exist
+    tiny = PrepareParams(
+        n_train=5,
+        n_eval=5,
+        out_dir=str(tmp_path),
+        benchmarks=[BenchmarkSpec(name="t", terms=2, n=101)],
+    )
+    with pytest.raises(ValueError, match="too few distinct questions"):
+        run(tiny)

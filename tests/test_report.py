@@ -1,0 +1,175 @@
+"""The report: metrics.json shape and headline numbers from a small synthetic requests table,
+report.md's paper-shaped table, the PNG, and a bad table refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from relaypipe.evaluate.cost import wilson_interval
+from relaypipe.io import SchemaViolation, write_json, write_table
+from relaypipe.schemas import EvalRequestSchema
+from relaypipe.stages.report import Prices, ReportParams, run
+
+# student 100 parameters, teacher 1,000; FLOPs = 2 * N * (generated + prefilled) per model.
+MODELS_JSON = {
+    "teacher": {"path": "t", "params": 1000},
+    "students": {
+        "student": {"path": "s", "params": 100},
+        "warmup": {"path": "w", "params": 100},
+        "relay": {"path": "r", "params": 100},
+    },
+    "modes": {
+        "student": "student",
+        "warmup": "warmup",
+        "relay": "relay",
+        "teacher_free": "relay",
+        "teacher": "student",
+        "random_router": "student",
+    },
+}
+
+
+def rows(benchmark, mode, correct, *, p=-1.0, s=10, t=0, sp=10, tp=0, ctx=0, calls=0):
+    """One row per entry of ``correct``, all with the same token counts."""
+    return [
+        {
+            "benchmark": benchmark,
+            "mode": mode,
+            "router_p": p,
+            "problem_id": f"q{i}",
+            "correct": bool(c),
+            "student_tokens": s,
+            "teacher_tokens": t,
+            "command_tokens": 0,
+            "calls": calls,
+            "teacher_prefill_tokens": tp,
+            "teacher_context_tokens": ctx,
+            "student_prefill_tokens": sp,
+            "latency_s": 0.25,
+        }
+        for i, c in enumerate(correct)
+    ]
+
+
+def benchmark_rows(name: str, relay_correct=(1, 1, 0, 0)) -> list[dict]:
+    return [
+        *rows(name, "student", [1, 0, 0, 0]),  # 0.25
+        *rows(name, "warmup", [1, 0, 0, 0]),
+        *rows(name, "teacher_free", [1, 0, 0, 0]),
+        *rows(name, "teacher", [1, 1, 1, 1], s=0, t=10, sp=0, tp=5, ctx=5, calls=1),
+        # relay: call ratio 1 / 10 = 0.1; FLOPs 2*100*(9+10) + 2*1000*(1+10) = 25,800
+        *rows(name, "relay", relay_correct, s=9, t=1, tp=10, ctx=12, calls=1),
+        # p = 0.2: call ratio 0.2, accuracy 0.25; FLOPs 2*100*(8+10) + 2*1000*(2+10) = 27,600
+        *rows(name, "random_router", [1, 0, 0, 0], p=0.2, s=8, t=2, tp=10, ctx=20, calls=2),
+        # p = 0.6: call ratio 0.6, accuracy 0.75; FLOPs 2*100*(4+10) + 2*1000*(6+20) = 54,800
+        *rows(name, "random_router", [1, 1, 1, 0], p=0.6, s=4, t=6, tp=20, ctx=40, calls=5),
+    ]
+
+
+def write_inputs(tmp_path: Path, table: list[dict]) -> ReportParams:
+    write_table(pd.DataFrame(table), tmp_path / "requests.parquet", EvalRequestSchema)
+    write_json(tmp_path / "models.json", MODELS_JSON)
+    return ReportParams(
+        prices=Prices(),
+        requests=str(tmp_path / "requests.parquet"),
+        models=str(tmp_path / "models.json"),
+        out_dir=str(tmp_path / "out"),
+    )
+
+
+def test_metrics_shape_and_headline_numbers(tmp_path):
+    params = write_inputs(tmp_path, benchmark_rows("b1") + benchmark_rows("b2"))
+    run(params)
+    out = tmp_path / "out"
+    m = json.loads((out / "metrics.json").read_text())
+    modes = ("student", "warmup", "relay", "teacher_free", "teacher", "random_router")
+    keys = (
+        "accuracy",
+        "accuracy_ci_low",
+        "accuracy_ci_high",
+        "call_ratio",
+        "teacher_tokens",
+        "student_tokens",
+        "teacher_prefill_tokens",
+        "flops",
+        "cost_usd",
+        "latency_s",
+    )
+    for mode in modes:
+        assert set(keys) <= set(m["modes"][mode]), mode
+        for b in ("b1", "b2"):
+            assert set(keys) <= set(m["benchmarks"][b][mode]), (b, mode)
+    relay = m["modes"]["relay"]
+    assert relay["accuracy"] == 0.5 and relay["call_ratio"] == pytest.approx(0.1)
+    assert relay["flops"] == 25_800
+    # the interval of a macro average is Wilson on pooled counts: 4 of 8
+    assert (relay["accuracy_ci_low"], relay["accuracy_ci_high"]) == pytest.approx(
+        wilson_interval(4, 8), abs=1e-6
+    )
+    # gap recovered: (0.5 - 0.25) / (1 - 0.25) = 1/3
+    assert m["gap_recovered"] == pytest.approx(1 / 3, abs=1e-6)
+    # the router at the relay's call ratio 0.1: halfway p 0 -> 0.2, accuracy 0.25 either side
+    router = m["modes"]["random_router"]
+    assert router["call_ratio"] == pytest.approx(0.1) and router["accuracy"] == pytest.approx(0.25)
+    # matched at accuracy 0.5: halfway p 0.2 -> 0.6 (0.25 -> 0.75): call ratio 0.4, p 0.4,
+    # FLOPs (27,600 + 54,800) / 2 = 41,200
+    matched = m["matched_router"]
+    assert matched["call_ratio"] == pytest.approx(0.4) and matched["router_p"] == pytest.approx(0.4)
+    assert matched["flops"] == pytest.approx(41_200)
+    assert m["cost_reduction_vs_matched_router"] == pytest.approx(1 - 0.1 / 0.4)  # 0.75
+    assert m["cost_reduction_vs_matched_router_flops"] == pytest.approx(
+        1 - 25_800 / 41_200, abs=1e-6
+    )
+    assert m["headline_by_benchmark"]["b1"]["cost_reduction_vs_matched_router"] == pytest.approx(
+        0.75
+    )
+    assert m["notes"] == {}
+
+    md = (out / "report.md").read_text()
+    assert "| mode | b1 | b2 | average |" in md
+    # accuracy % with call % in parentheses
+    assert "| RelayLLM (relay) | 50.00 (10.00) | 50.00 (10.00) | 50.00 (10.00) |" in md
+    assert "| teacher | 100.00 (100.00) |" in md
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = json.loads((out / "plots" / "tradeoff.json").read_text())
+    assert {p["name"] for p in points} >= {"relay", "teacher", "router p=0.2", "router p=0"}
+    assert all({"call_ratio", "accuracy"} <= set(p) for p in points)
+
+
+def test_macro_average_is_unweighted_over_benchmarks(tmp_path):
+    # b2's relay gets 1 of 4: macro accuracy (0.5 + 0.25) / 2
+    params = write_inputs(tmp_path, benchmark_rows("b1") + benchmark_rows("b2", (1, 0, 0, 0)))
+    m = json.loads(json.dumps(run(params)))
+    assert m["accuracy"]["relay"] == pytest.approx(0.375)
+
+
+def test_relay_below_the_router_curve_gives_null_and_a_reason(tmp_path):
+    # relay 0 of 4, below the student alone (p = 0, 0.25): no performance-matched router
+    params = write_inputs(tmp_path, benchmark_rows("b1", (0, 0, 0, 0)))
+    run(params)
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["cost_reduction_vs_matched_router"] is None
+    assert m["cost_reduction_vs_matched_router_flops"] is None
+    assert m["matched_router"] is None
+    assert "below" in m["notes"]["cost_reduction_vs_matched_router"]
+    assert m["gap_recovered"] == pytest.approx(-1 / 3, abs=1e-6)  # (0 - 0.25) / 0.75
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "null" in md and "never extrapolated" in md
+
+
+def test_report_refuses_a_bad_requests_table_and_writes_nothing(tmp_path):
+    params = write_inputs(tmp_path, benchmark_rows("b1"))
+    bad = pd.read_parquet(tmp_path / "requests.parquet")
+    bad.loc[2, "teacher_tokens"] = -3
+    bad.loc[5, "router_p"] = 0.5  # a student row with a router probability
+    bad.to_parquet(tmp_path / "requests.parquet")
+    with pytest.raises(SchemaViolation) as err:
+        run(params)
+    message = str(err.value)
+    assert "teacher_tokens" in message and "row 2" in message
+    assert "router_p in [0, 1] for random_router rows" in message
+    assert not (tmp_path / "out").exists()
