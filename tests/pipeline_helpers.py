@@ -47,7 +47,8 @@ def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
 
 SMALL_PARAMS: dict[str, Any] = {
     "prepare": {
-        "n_train": 300, "n_eval": 24,
+        "n_train": 300,
+        "n_eval": 24,
         "benchmarks": [
             {"name": "arith-d1t6", "difficulty": 1, "terms": 6, "n": 6},
             {"name": "arith-d1t8", "difficulty": 1, "terms": 8, "n": 6},
@@ -63,26 +64,41 @@ SMALL_PARAMS: dict[str, Any] = {
     },
     "filter": {"k": 2, "n_problems": 8, "max_new_tokens": 40},
     "warmup_data": {
-        "n_problems": 8, "offset": 8, "samples_per_problem": 1, "max_new_tokens": 40,
-        "min_examples": 8, "top_up_with_reference": True,
+        "n_problems": 8,
+        "offset": 8,
+        "samples_per_problem": 1,
+        "max_new_tokens": 40,
+        "min_examples": 8,
+        "top_up_with_reference": True,
     },
-    "sft": {"eval_n": 8, "max_new_tokens": 40,
-            "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 1}},
-    "grpo": {"eval_n": 8, "max_new_tokens": 24,
-             "trainer": {"max_steps": 1, "per_device_train_batch_size": 8, "num_generations": 4,
-                         "save_steps": 1}},
+    "sft": {
+        "eval_n": 8,
+        "max_new_tokens": 40,
+        "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 1},
+    },
+    "grpo": {
+        "eval_n": 8,
+        "max_new_tokens": 24,
+        "trainer": {
+            "max_steps": 1,
+            "per_device_train_batch_size": 8,
+            "num_generations": 4,
+            "save_steps": 1,
+        },
+    },
     "evaluate": {"router_p": [0.2, 0.5], "max_new_tokens": 24, "batch_size": 8},
 }
 
 
 def make_repo(dest: Path, params: dict[str, Any] | None = None) -> Path:
-    """A git repo with dvc.yaml, shrunk params.yaml and a copy of the package (stage deps)."""
+    """A git repo with dvc.yaml, shrunk params.yaml and a copy of the packages (stage deps)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, dest / name)
-    shutil.copytree(
-        ROOT / "relaypipe", dest / "relaypipe", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for package in ("relaypipe", "flows"):  # flows: dvc.yaml runs the stages through it
+        shutil.copytree(
+            ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     full = yaml.safe_load((ROOT / "params.yaml").read_text())
     (dest / "params.yaml").write_text(
         yaml.safe_dump(deep_update(full, params if params is not None else SMALL_PARAMS))

@@ -1,0 +1,118 @@
+"""``python -m flows``: run DVC with one Prefect server for the whole run, or the pipeline flow.
+
+    python -m flows repro [dvc repro args]    # what `make run` does
+    python -m flows exec -- dvc exp run -S grpo.cost_weight=0.3
+    python -m flows pipeline --set grpo.cost_weight=0.3 [--target grpo] [--no-push]
+    python -m flows stages                    # the stage -> module registry
+
+``repro`` and ``exec``: every stage of a ``dvc repro`` is its own process and Prefect flow run.
+When no Prefect server is configured (``PREFECT_API_URL`` in the environment or the active
+profile), each of them would otherwise start a temporary server of its own, tens of seconds
+apiece. These commands start ``prefect server start`` on 127.0.0.1 once, point the stages at
+it, and stop it afterwards; its UI shows the runs while they go. A configured server is used
+as is; a ``repro`` with nothing to do (``dvc status`` clean) starts no server at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import flows  # noqa: F401  (Prefect setting defaults, before anything imports Prefect)
+
+
+def dvc_exe() -> str:
+    """The ``dvc`` of this interpreter's environment first (``make run`` has it on PATH)."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return shutil.which("dvc", path=path) or "dvc"
+
+
+def prefect_api_configured() -> bool:
+    """Whether a Prefect server is configured (environment or active profile)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def dvc_up_to_date() -> bool:
+    """``dvc status -q`` exits 0 when every stage is up to date."""
+    return subprocess.run([dvc_exe(), "status", "-q"], stdin=subprocess.DEVNULL).returncode == 0
+
+
+def with_server(cmd: Sequence[str]) -> int:
+    """Run ``cmd`` with ``PREFECT_API_URL`` pointing at a server (started here if need be)."""
+    if prefect_api_configured():
+        return subprocess.call(list(cmd))
+    from flows.server import local_server
+
+    print("starting a Prefect server on 127.0.0.1 for this run ...", file=sys.stderr, flush=True)
+    with local_server() as server:
+        print(f"Prefect UI: {server.ui_url}", file=sys.stderr, flush=True)
+        env = {**os.environ, "PREFECT_API_URL": server.api_url}
+        try:
+            return subprocess.call(list(cmd), env=env)
+        except KeyboardInterrupt:  # dvc got the same Ctrl-C; stop the server and go
+            return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    repro = sub.add_parser("repro", help="dvc repro with one Prefect server for all stages")
+    repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro")
+    run = sub.add_parser("exec", help="any command with one Prefect server (after --)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER)
+    pipe = sub.add_parser("pipeline", help="run the pipeline flow here (pull, repro, push)")
+    pipe.add_argument("--repo", default=".", help="repository (default: %(default)s)")
+    pipe.add_argument("--target", action="append", default=[], help="stage (repeatable)")
+    pipe.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="dvc exp run -S"
+    )
+    pipe.add_argument("--name", help="experiment name")
+    pipe.add_argument("--remote", help="DVC remote (default: the default remote)")
+    pipe.add_argument("--no-pull", action="store_true")
+    pipe.add_argument("--no-push", action="store_true")
+    pipe.add_argument("--force", action="store_true")
+    sub.add_parser("stages", help="list the stage flows")
+    args = parser.parse_args(argv)
+
+    if args.command == "repro":
+        if not args.dvc_args and dvc_up_to_date():
+            print("every stage is up to date", file=sys.stderr)
+            return 0
+        return with_server([dvc_exe(), "repro", *args.dvc_args])
+    if args.command == "exec":
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            parser.error("exec needs a command, e.g. python -m flows exec -- dvc repro")
+        return with_server(cmd)
+    if args.command == "pipeline":
+        from flows.pipeline import pipeline
+
+        state = pipeline(
+            repo_dir=args.repo,
+            targets=args.target,
+            set_params=args.set,
+            exp_name=args.name,
+            remote=args.remote,
+            pull=not args.no_pull,
+            push=not args.no_push,
+            force=args.force,
+            return_state=True,
+        )
+        return 0 if state.is_completed() else 1
+    from flows.stages import STAGES
+
+    for stage, module in STAGES.items():
+        print(f"{stage}\t{module}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
