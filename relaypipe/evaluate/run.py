@@ -31,14 +31,25 @@ def decode_problems(
     config: RelayConfig,
     batch_size: int = 64,
     desc: str | None = None,
+    *,
+    chat_template: bool = False,
 ) -> list[Graded]:
+    """Decode every problem in ``config``'s mode (in chunks of ``batch_size``) and grade it.
+
+    Prompts come from :func:`relaypipe.tasks.base.format_prompt` with the decoder's tokenizer
+    (``chat_template``: its chat template, when it has one), exactly as in training.
+    """
     tok = decoder.tokenizer
     out: list[Graded] = []
     bar = tqdm(total=len(problems), desc=desc or config.mode, mininterval=2.0, leave=False)
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         prompts = [
-            tok(format_prompt(p.question), add_special_tokens=False).input_ids for p in chunk
+            tok(
+                format_prompt(p.question, tok, chat_template=chat_template),
+                add_special_tokens=False,
+            ).input_ids
+            for p in chunk
         ]
         for p, tr in zip(chunk, decoder.decode(prompts, config, first_id=start), strict=True):
             text = tok.decode(tr.token_ids, skip_special_tokens=True)

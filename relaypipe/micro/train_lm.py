@@ -33,12 +33,13 @@ class TrainSpec:
 
 
 def encode_examples(
-    problems: list[Problem], tokenizer: PreTrainedTokenizerBase
+    problems: list[Problem], tokenizer: PreTrainedTokenizerBase, *, chat_template: bool = False
 ) -> list[tuple[list[int], int]]:
     """(token ids of prompt + solution + EOS, prompt length) per problem."""
     out = []
     for p in problems:
-        prompt = tokenizer(format_prompt(p.question), add_special_tokens=False).input_ids
+        text = format_prompt(p.question, tokenizer, chat_template=chat_template)
+        prompt = tokenizer(text, add_special_tokens=False).input_ids
         completion = tokenizer(p.solution, add_special_tokens=False).input_ids
         out.append((prompt + completion + [tokenizer.eos_token_id], len(prompt)))
     return out
@@ -65,9 +66,15 @@ def train_causal_lm(
     problems: list[Problem],
     spec: TrainSpec,
     desc: str = "train",
+    *,
+    chat_template: bool = False,
 ) -> dict[str, float]:
-    """Train ``model`` in place; returns the final smoothed loss and the wall time."""
-    examples = encode_examples(problems, tokenizer)
+    """Train ``model`` in place; returns the final smoothed loss and the wall time.
+
+    Also fine-tunes a pretrained model on the task (the ``pretrained`` bootstrap), with
+    ``chat_template`` framing the prompts as every later stage will.
+    """
+    examples = encode_examples(problems, tokenizer, chat_template=chat_template)
     gen = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.AdamW(
         model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98)
@@ -81,12 +88,14 @@ def train_causal_lm(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
+    device = next(model.parameters()).device
     smoothed = float("nan")
     start = time.perf_counter()
     bar = tqdm(range(spec.steps), desc=desc, mininterval=2.0)
     for step in bar:
         idx = torch.randint(len(examples), (spec.batch_size,), generator=gen).tolist()
-        input_ids, mask, labels = collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        input_ids, mask, labels = (x.to(device) for x in batch)  # a fine-tune may run on GPU
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,4 +1,4 @@
-"""Stage ``bootstrap``: train the micro student and teacher from scratch and measure them.
+"""Stage ``bootstrap``: make the student and the teacher, and measure them.
 
 Run: ``python -m relaypipe.stages.bootstrap`` (reads ``params.yaml:bootstrap``), or
 ``dvc repro bootstrap``. Reads ``data/problems/{train,eval}.parquet``; writes
@@ -6,35 +6,70 @@ Run: ``python -m relaypipe.stages.bootstrap`` (reads ``params.yaml:bootstrap``),
 ``data/models/bootstrap.json`` (``student_accuracy``, ``teacher_accuracy``, ``n_eval``, sizes,
 times; greedy decoding on the eval table).
 
-Not in the paper: the paper starts from pretrained Qwen3 models. This stage exists so the whole
-method runs on a laptop with no model hub; a pretrained pair replaces it in other presets.
+Two kinds (``kind``):
+
+* ``micro`` (the default): train a tiny student and a larger teacher from scratch on the
+  task's worked solutions (needs ``student``/``teacher`` sizes and ``student_train``/
+  ``teacher_train``). Not in the paper, which starts from pretrained Qwen3 models: it exists so
+  the whole method runs on a laptop with no model hub.
+* ``pretrained``: import ``student_source`` and ``teacher_source`` (each a model directory, a
+  hub id, a ``.gguf`` file, or ``smollm2`` for the SmolLM2-135M-Instruct GGUF packaged on PyPI;
+  see relaypipe/importing.py), with the call tokens added. ``student_train``/``teacher_train``
+  are then optional: a short fine-tune on the task's worked solutions (e.g. to make a same-size
+  teacher an expert on the task when no larger model is at hand). Instead of
+  ``teacher_source``, ``teacher_url``/``teacher_model`` name a served teacher (vLLM): its
+  directory then holds only the tokenizer and ``remote_teacher.json``, and its accuracy is
+  measured through the server.
+
+The measurement is the same for both kinds, with the prompt every later stage uses
+(``chat_template``: the tokenizer's chat form, for instruct models).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from relaypipe.evaluate.run import accuracy, decode_problems
 from relaypipe.io import read_table, write_json
 from relaypipe.micro.bootstrap import BootstrapSpec, bootstrap_pair
 from relaypipe.micro.models import ModelSize
-from relaypipe.micro.train_lm import TrainSpec
+from relaypipe.micro.train_lm import TrainSpec, train_causal_lm
 from relaypipe.schemas import ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.tasks.base import Problem
+from relaypipe.teacher import HTTPOptions, Teacher, validate_teacher_options
 
 log = logging.getLogger(__name__)
+
+KINDS = ("micro", "pretrained")
 
 
 @dataclass(frozen=True)
 class BootstrapParams:
-    student: ModelSize
-    teacher: ModelSize
-    student_train: TrainSpec
-    teacher_train: TrainSpec
+    kind: str = "micro"  # micro (train from scratch) | pretrained (import)
+    # micro: the model sizes (required); not used by pretrained
+    student: ModelSize | None = None
+    teacher: ModelSize | None = None
+    # micro: training from scratch (required); pretrained: an optional task fine-tune
+    student_train: TrainSpec | None = None
+    teacher_train: TrainSpec | None = None
+    # pretrained: a model directory, hub id, .gguf file or "smollm2"
+    student_source: str | None = None
+    teacher_source: str | None = None
+    # pretrained: a served teacher instead of teacher_source (relaypipe/teacher.py)
+    teacher_url: str | None = None
+    teacher_model: str | None = None
+    teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
+    dtype: str = "float32"  # pretrained: weights are loaded, fine-tuned and saved in this dtype
+    cache_dir: str | None = None  # where "smollm2" is cached (None: ~/.cache/relaypipe)
+    device: str = "auto"  # pretrained: fine-tune and measure here (micro trains on the CPU)
+    chat_template: bool = False  # frame prompts with the tokenizer's chat template
     max_new_tokens: int = 96
     eval_batch_size: int = 100
     eval_limit: int | None = None  # evaluate on the first N eval problems only (None: all)
@@ -42,6 +77,135 @@ class BootstrapParams:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     problems_dir: str = "data/problems"
     out_dir: str = "data/models"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        validate_teacher_options(self.teacher_url, self.teacher_model)
+        if self.kind == "micro":
+            missing = [
+                name
+                for name in ("student", "teacher", "student_train", "teacher_train")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(f"kind micro needs {', '.join(missing)}")
+            # Refuse rather than ignore: a pretrained key under kind micro is a mistake.
+            stray = [
+                name
+                for name in ("student_source", "teacher_source", "teacher_url")
+                if getattr(self, name) is not None
+            ]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} belong(s) to kind pretrained, not micro")
+            return
+        if not self.student_source:
+            raise ValueError("kind pretrained needs student_source")
+        if bool(self.teacher_source) == bool(self.teacher_url):
+            raise ValueError("kind pretrained needs exactly one of teacher_source and teacher_url")
+        stray = [name for name in ("student", "teacher") if getattr(self, name) is not None]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} (model sizes) belong(s) to kind micro")
+        if self.teacher_url and self.teacher_train is not None:
+            raise ValueError("teacher_train cannot fine-tune a served teacher (teacher_url)")
+
+
+def _measure(
+    decoder: Any, evaluation: list[Problem], params: BootstrapParams
+) -> dict[str, float | int]:
+    """Greedy accuracy of each model alone on the eval problems (modes student, teacher)."""
+    from relaypipe.relay.decoder import RelayConfig
+
+    metrics: dict[str, float | int] = {}
+    t = time.perf_counter()
+    for mode in ("student", "teacher"):
+        graded = decode_problems(
+            decoder,
+            evaluation,
+            RelayConfig(mode=mode, max_new_tokens=params.max_new_tokens, seed=params.seed),
+            batch_size=params.eval_batch_size,
+            desc=f"eval {mode}",
+            chat_template=params.chat_template,
+        )
+        metrics[f"{mode}_accuracy"] = round(accuracy(graded), 4)
+    metrics["eval_seconds"] = round(time.perf_counter() - t, 1)
+    metrics["n_eval"] = len(evaluation)
+    return metrics
+
+
+def _fine_tune(
+    role: str, model: Any, tok: Any, train: list[Problem], spec: TrainSpec, params: BootstrapParams
+) -> dict[str, float]:
+    """Fine-tune an imported model on the task's worked solutions; its metrics."""
+    result = train_causal_lm(
+        model, tok, train, spec, desc=f"fine-tune {role}", chat_template=params.chat_template
+    )
+    return {
+        f"{role}_train_seconds": round(result["seconds"], 1),
+        f"{role}_final_loss": round(result["loss"], 5),
+    }
+
+
+def run_pretrained(
+    params: BootstrapParams, train: list[Problem], evaluation: list[Problem]
+) -> dict[str, Any]:
+    """Import (and optionally fine-tune) the pair, save it, measure it."""
+    from relaypipe.importing import load_for_import, save_import
+    from relaypipe.models import pick_device
+    from relaypipe.relay.backends import TransformersBackend
+    from relaypipe.relay.decoder import RelayDecoder
+    from relaypipe.teacher import build_teacher, check_same_tokenizer, write_remote_teacher_dir
+
+    assert params.student_source is not None  # checked in __post_init__
+    out = Path(params.out_dir)
+    device = pick_device(params.device)
+    kw = {"dtype": params.dtype, "cache_dir": params.cache_dir}
+    metrics: dict[str, Any] = {}
+
+    student, tok, s_info = load_for_import(params.student_source, **kw)
+    metrics["student_params"] = s_info.parameters
+    metrics["student_import_seconds"] = s_info.load_seconds
+    # The same untouched source twice (SmolLM2 as both, say) is loaded once: same weights.
+    same = (
+        params.teacher_source == params.student_source
+        and params.student_train is None
+        and params.teacher_train is None
+    )
+    student.to(device)
+    if params.student_train is not None:
+        metrics |= _fine_tune("student", student, tok, train, params.student_train, params)
+    save_import(student, tok, s_info, out / "student")
+
+    if params.teacher_url:
+        write_remote_teacher_dir(out / "teacher", tok, params.teacher_url, params.teacher_model)
+        metrics["teacher_params"] = None  # behind the server; not ours to count
+        teacher = build_teacher(
+            None,
+            tok,
+            url=params.teacher_url,
+            model_name=params.teacher_model,
+            http=params.teacher_http,
+        )
+    else:
+        assert params.teacher_source is not None
+        if same:
+            t_model, t_tok, t_info = student, tok, s_info
+        else:
+            t_model, t_tok, t_info = load_for_import(params.teacher_source, **kw)
+            check_same_tokenizer(tok, t_tok)
+            t_model.to(device)
+        metrics["teacher_params"] = t_info.parameters
+        metrics["teacher_import_seconds"] = 0.0 if same else t_info.load_seconds
+        if params.teacher_train is not None:
+            metrics |= _fine_tune("teacher", t_model, t_tok, train, params.teacher_train, params)
+        save_import(t_model, t_tok, t_info, out / "teacher")
+        teacher = Teacher(TransformersBackend(t_model.eval(), name="teacher"), tok, t_model)
+
+    with teacher:
+        s_backend = TransformersBackend(student.eval(), name="student")
+        decoder = RelayDecoder(s_backend, teacher.backend, tok)
+        metrics |= _measure(decoder, evaluation, params)
+    return metrics
 
 
 def run(params: BootstrapParams) -> dict:
@@ -52,17 +216,22 @@ def run(params: BootstrapParams) -> dict:
     evaluation = frame_to_problems(read_table(problems / "eval.parquet", ProblemSchema))
     if params.eval_limit:
         evaluation = evaluation[: params.eval_limit]
-    spec = BootstrapSpec(
-        student=params.student,
-        teacher=params.teacher,
-        student_train=params.student_train,
-        teacher_train=params.teacher_train,
-        max_new_tokens=params.max_new_tokens,
-        eval_batch_size=params.eval_batch_size,
-        seed=params.seed,
-    )
     t = time.perf_counter()
-    metrics = bootstrap_pair(train, evaluation, spec, Path(params.out_dir))
+    if params.kind == "pretrained":
+        metrics = run_pretrained(params, train, evaluation)
+    else:
+        assert params.student and params.teacher  # checked in __post_init__
+        assert params.student_train and params.teacher_train
+        spec = BootstrapSpec(
+            student=params.student,
+            teacher=params.teacher,
+            student_train=params.student_train,
+            teacher_train=params.teacher_train,
+            max_new_tokens=params.max_new_tokens,
+            eval_batch_size=params.eval_batch_size,
+            seed=params.seed,
+        )
+        metrics = bootstrap_pair(train, evaluation, spec, Path(params.out_dir))
     metrics["total_seconds"] = round(time.perf_counter() - t, 1)
     write_json(Path(params.out_dir) / "bootstrap.json", metrics)
     return metrics

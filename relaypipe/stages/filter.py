@@ -4,22 +4,23 @@ Run: ``python -m relaypipe.stages.filter`` (reads ``params.yaml:filter``) or ``d
 Samples the teacher ``k`` times per problem (paper: k = 16, temperature 0.7) and keeps the
 problems it solves at least once: asking for help only pays where the teacher can help.
 Writes ``data/filter/kept.parquet`` (FilteredProblemSchema) and ``data/filter/metrics.json``.
+The teacher is a model directory or, with ``teacher_url``/``teacher_model``, a served model
+(relaypipe/teacher.py); ``chat_template`` frames prompts as every other stage does.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from relaypipe.io import read_table, write_json, write_table
-from relaypipe.models import load_model
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayDecoder
 from relaypipe.schemas import FilteredProblemSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
 from relaypipe.train.sampling import sample_k
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,15 @@ class FilterParams:
     device: str = "auto"
     threads: int | None = None
     problems: str = "data/problems/train.parquet"
-    teacher: str = "data/models/teacher"
+    teacher: str = "data/models/teacher"  # weights, or (with teacher_url) its tokenizer
+    teacher_url: str | None = None  # an OpenAI-compatible server instead of in-process weights
+    teacher_model: str | None = None  # the model name served at teacher_url
+    teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
+    chat_template: bool = False  # frame prompts with the tokenizer's chat template
     out_dir: str = "data/filter"
+
+    def __post_init__(self) -> None:
+        validate_teacher_options(self.teacher_url, self.teacher_model)
 
 
 def run(params: FilterParams) -> dict:
@@ -45,19 +53,26 @@ def run(params: FilterParams) -> dict:
         torch.set_num_threads(params.threads)
     frame = read_table(params.problems, ProblemSchema).iloc[: params.n_problems]
     problems = frame_to_problems(frame)
-    teacher, tok = load_model(params.teacher, device=params.device)
-    backend = TransformersBackend(teacher)
-    decoder = RelayDecoder(backend, backend, tok)  # teacher mode never calls the student
-    samples = sample_k(
-        decoder,
-        problems,
-        mode="teacher",
-        k=params.k,
-        temperature=params.temperature,
-        max_new_tokens=params.max_new_tokens,
-        seed=params.seed,
-        batch_size=params.batch_size,
-    )
+    with build_teacher(
+        params.teacher,
+        url=params.teacher_url,
+        model_name=params.teacher_model,
+        http=params.teacher_http,
+        device=params.device,
+    ) as teacher:
+        # teacher mode never calls the student, so the teacher fills both seats
+        decoder = RelayDecoder(teacher.backend, teacher.backend, teacher.tokenizer)
+        samples = sample_k(
+            decoder,
+            problems,
+            mode="teacher",
+            k=params.k,
+            temperature=params.temperature,
+            max_new_tokens=params.max_new_tokens,
+            seed=params.seed,
+            batch_size=params.batch_size,
+            chat_template=params.chat_template,
+        )
     frame = frame.assign(teacher_pass_rate=[sum(g.correct for g in s) / params.k for s in samples])
     kept = frame[frame.teacher_pass_rate > 0].reset_index(drop=True)
     write_table(kept, Path(params.out_dir) / "kept.parquet", FilteredProblemSchema)

@@ -10,6 +10,9 @@ tokens out of the policy loss (the reference trains on them: set it false to rep
 ``save_steps`` in ``data/checkpoints/grpo``; a re-run resumes from the last one.
 Writes ``data/models/relay/``, ``data/grpo/metrics.json`` (relay and teacher-free accuracy and
 call ratio on eval problems, gap recovered) and DVCLive curves in ``data/grpo/live``.
+The teacher is a model directory or, with ``teacher_url``/``teacher_model``, a served model
+(relaypipe/teacher.py: the paper's Qwen3-8B behind vLLM). ``chat_template`` frames the
+rollout and check prompts; keep it equal to warmup_data's.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import FilteredProblemSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.tasks.base import format_prompt
+from relaypipe.teacher import HTTPOptions, Teacher, build_teacher, validate_teacher_options
 from relaypipe.train.checkpoints import LiveCallback, file_digest, prepare_checkpoint_dir
 from relaypipe.train.rewards import reward_by_name
 from relaypipe.train.rollout import make_relay_rollout
@@ -64,11 +68,30 @@ class GRPOParams:
     problems: str = "data/filter/kept.parquet"
     eval_problems: str = "data/problems/eval.parquet"
     student: str = "data/models/warmup"
-    teacher: str = "data/models/teacher"
+    teacher: str = "data/models/teacher"  # weights, or (with teacher_url) its tokenizer
+    teacher_url: str | None = None  # an OpenAI-compatible server instead of in-process weights
+    teacher_model: str | None = None  # the model name served at teacher_url
+    teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
+    chat_template: bool = False  # rollout/check prompts; keep equal to warmup_data's
     bootstrap_metrics: str = "data/models/bootstrap.json"
     checkpoint_dir: str = "data/checkpoints/grpo"
     out_model: str = "data/models/relay"
     out_dir: str = "data/grpo"
+
+    def __post_init__(self) -> None:
+        validate_teacher_options(self.teacher_url, self.teacher_model)
+
+
+def load_teacher(params: GRPOParams, tokenizer: Any) -> Teacher:
+    """The teacher the params name: in-process weights or a served model."""
+    return build_teacher(
+        params.teacher,
+        tokenizer,
+        url=params.teacher_url,
+        model_name=params.teacher_model,
+        http=params.teacher_http,
+        device=params.device,
+    )
 
 
 def relay_config(params: GRPOParams, mode: str = "relay") -> RelayConfig:
@@ -90,7 +113,7 @@ def train_grpo(params: GRPOParams) -> None:
 
     table = read_table(params.problems, FilteredProblemSchema)
     model, tok = load_model(params.student, device=params.device)
-    teacher, _ = load_model(params.teacher, device=params.device)
+    teacher = load_teacher(params, tok)
     fingerprint = {
         "params": asdict(params),
         "problems": file_digest(params.problems),
@@ -109,13 +132,15 @@ def train_grpo(params: GRPOParams) -> None:
     args = GRPOConfig(output_dir=params.checkpoint_dir, **{**defaults, **params.trainer})
     dataset = Dataset.from_dict(
         {
-            "prompt": [format_prompt(q) for q in table.question],
+            "prompt": [
+                format_prompt(q, tok, chat_template=params.chat_template) for q in table.question
+            ],
             "answer": list(table.answer),
             "problem_id": list(table.problem_id),
         }
     )
     rollout = make_relay_rollout(
-        TransformersBackend(teacher, name="teacher"),
+        teacher.backend,
         tok,
         relay_config(params),
         mask_teacher_tokens=params.mask_teacher_tokens,
@@ -135,7 +160,10 @@ def train_grpo(params: GRPOParams) -> None:
         rollout_func=rollout,
         callbacks=[LiveCallback(live)],
     )
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        teacher.close()
     live.end()
     with atomic_path(params.out_model, directory=True) as tmp:
         trainer.model.save_pretrained(tmp)
@@ -147,12 +175,18 @@ def check_relay(params: GRPOParams) -> dict:
     """Relay and teacher-free accuracy of the trained student on held-out problems."""
     problems = frame_to_problems(read_table(params.eval_problems, ProblemSchema))[: params.eval_n]
     student, tok = load_model(params.out_model, device=params.device)
-    teacher, _ = load_model(params.teacher, device=params.device)
-    dec = RelayDecoder(TransformersBackend(student), TransformersBackend(teacher), tok)
     metrics: dict[str, Any] = {}
-    for mode in ("relay", "student"):
-        graded = decode_problems(dec, problems, relay_config(params, mode), batch_size=100)
-        metrics["teacher_free" if mode == "student" else mode] = summarize(graded)
+    with load_teacher(params, tok) as teacher:
+        dec = RelayDecoder(TransformersBackend(student), teacher.backend, tok)
+        for mode in ("relay", "student"):
+            graded = decode_problems(
+                dec,
+                problems,
+                relay_config(params, mode),
+                batch_size=100,
+                chat_template=params.chat_template,
+            )
+            metrics["teacher_free" if mode == "student" else mode] = summarize(graded)
     boot = read_json(params.bootstrap_metrics)
     gap = boot["teacher_accuracy"] - boot["student_accuracy"]
     metrics["gap_recovered"] = (

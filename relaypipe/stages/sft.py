@@ -6,6 +6,9 @@ as-is. Checkpoints go to ``data/checkpoints/sft`` every ``save_steps``; re-runni
 crash or Ctrl-C resumes from the last one when params and inputs are unchanged.
 Writes ``data/models/warmup/``, ``data/sft/metrics.json`` (command parse rate and teacher-free
 accuracy against the bootstrap student, on eval problems) and DVCLive curves in ``data/sft/live``.
+The check's teacher is a model directory or, with ``teacher_url``/``teacher_model``, a served
+model (relaypipe/teacher.py). ``chat_template`` must match warmup_data's: the training prompts
+come from its table, the check's prompts from :func:`relaypipe.tasks.base.format_prompt`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
 from relaypipe.train.checkpoints import LiveCallback, file_digest, prepare_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -42,11 +46,18 @@ class SFTParams:
     threads: int | None = None
     data: str = "data/warmup/sft.parquet"
     student: str = "data/models/student"
-    teacher: str = "data/models/teacher"
+    teacher: str = "data/models/teacher"  # weights, or (with teacher_url) its tokenizer
+    teacher_url: str | None = None  # an OpenAI-compatible server instead of in-process weights
+    teacher_model: str | None = None  # the model name served at teacher_url
+    teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
+    chat_template: bool = False  # the check's prompts; keep equal to warmup_data.chat_template
     eval_problems: str = "data/problems/eval.parquet"
     checkpoint_dir: str = "data/checkpoints/sft"
     out_model: str = "data/models/warmup"
     out_dir: str = "data/sft"
+
+    def __post_init__(self) -> None:
+        validate_teacher_options(self.teacher_url, self.teacher_model)
 
 
 def train_sft(params: SFTParams) -> None:
@@ -93,17 +104,26 @@ def check_warmup(params: SFTParams) -> dict:
     problems = frame_to_problems(read_table(params.eval_problems, ProblemSchema))[: params.eval_n]
     base, tok = load_model(params.student, device=params.device)
     warm, _ = load_model(params.out_model, device=params.device)
-    teacher, _ = load_model(params.teacher, device=params.device)
-    t = TransformersBackend(teacher)
     metrics: dict[str, Any] = {}
-    for name, model, mode in (
-        ("bootstrap", base, "student"),
-        ("warmup", warm, "student"),
-        ("warmup_relay", warm, "relay"),
-    ):
-        dec = RelayDecoder(TransformersBackend(model), t, tok)
-        cfg = RelayConfig(mode=mode, max_new_tokens=params.max_new_tokens)
-        metrics[name] = summarize(decode_problems(dec, problems, cfg, batch_size=100))
+    with build_teacher(
+        params.teacher,
+        tok,
+        url=params.teacher_url,
+        model_name=params.teacher_model,
+        http=params.teacher_http,
+        device=params.device,
+    ) as teacher:
+        for name, model, mode in (
+            ("bootstrap", base, "student"),
+            ("warmup", warm, "student"),
+            ("warmup_relay", warm, "relay"),
+        ):
+            dec = RelayDecoder(TransformersBackend(model), teacher.backend, tok)
+            cfg = RelayConfig(mode=mode, max_new_tokens=params.max_new_tokens)
+            graded = decode_problems(
+                dec, problems, cfg, batch_size=100, chat_template=params.chat_template
+            )
+            metrics[name] = summarize(graded)
     metrics["accuracy_drop_teacher_free"] = round(
         metrics["bootstrap"]["accuracy"] - metrics["warmup"]["accuracy"], 4
     )

@@ -5,7 +5,11 @@ Run: ``python -m relaypipe.stages.warmup_data`` (reads ``params.yaml:warmup_data
 solutions (graded by the shared grader), inserts 0-``max_commands`` ``<call>n</call>`` commands
 (policy ``random``, the paper's, or ``disagreement``), and writes ``data/warmup/sft.parquet``
 (SFTExampleSchema) and ``data/warmup/metrics.json``.
-Departs from the reference: commands carry n; the prompt is the one every stage uses.
+Departs from the reference: commands carry n; the prompt is the one every stage uses
+(``chat_template``: the tokenizer's chat form, as in sft, grpo and evaluation).
+The teacher is loaded only for the ``disagreement`` policy, and must then be in-process
+weights: the policy compares its logits with the student's at every position, which a served
+teacher (``teacher_url`` in other stages) does not return.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayDecoder
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.teacher import build_teacher
 from relaypipe.train.sampling import sample_k
 from relaypipe.train.warmup import InsertSpec, build_warmup_example
 
@@ -49,7 +54,8 @@ class WarmupDataParams:
     threads: int | None = None
     problems: str = "data/problems/train.parquet"
     student: str = "data/models/student"
-    teacher: str = "data/models/teacher"
+    teacher: str = "data/models/teacher"  # used by the disagreement policy only
+    chat_template: bool = False  # frame prompts with the tokenizer's chat template
     out_dir: str = "data/warmup"
 
 
@@ -69,10 +75,13 @@ def run(params: WarmupDataParams) -> dict:
         max_new_tokens=params.max_new_tokens,
         seed=params.seed,
         batch_size=params.batch_size,
+        chat_template=params.chat_template,
     )
     teacher = None
     if params.insert.policy == "disagreement":
-        teacher, _ = load_model(params.teacher, device=params.device)
+        # build_teacher refuses a directory that stands for a served teacher, and a teacher
+        # whose tokenizer differs (positions are compared token by token).
+        teacher = build_teacher(params.teacher, tok, device=params.device).model
     rng = random.Random(params.insert.seed)
     rows, seen = [], set()
     for problem, graded in zip(problems, samples, strict=True):
@@ -81,7 +90,14 @@ def run(params: WarmupDataParams) -> dict:
                 continue  # wrong, or an exact duplicate of a kept sample
             seen.add((problem.problem_id, g.completion))
             prompt, completion, ns = build_warmup_example(
-                problem.question, g.completion, tok, params.insert, rng, student, teacher
+                problem.question,
+                g.completion,
+                tok,
+                params.insert,
+                rng,
+                student,
+                teacher,
+                chat_template=params.chat_template,
             )
             rows.append(
                 {
@@ -96,7 +112,14 @@ def run(params: WarmupDataParams) -> dict:
     if n_own < params.min_examples and params.top_up_with_reference:
         for problem in problems[: params.min_examples - n_own]:
             prompt, completion, ns = build_warmup_example(
-                problem.question, problem.solution, tok, params.insert, rng, student, teacher
+                problem.question,
+                problem.solution,
+                tok,
+                params.insert,
+                rng,
+                student,
+                teacher,
+                chat_template=params.chat_template,
             )
             rows.append(
                 {

@@ -3,17 +3,32 @@
 The prompt template lives here, and only here, so warm-up data, GRPO rollouts and evaluation
 all show the model exactly the same text (the reference implementation used three different
 prompts for those three stages).
+
+Two forms, chosen by the stages' ``chat_template`` parameter:
+
+* plain (the default): ``"Q: {question}\nA: "``, what the micro models are trained on;
+* chat: the question as one user turn of the tokenizer's own chat template, generation prompt
+  appended (an instruct model such as SmolLM2-Instruct or Qwen3 answers best in the format it
+  was tuned on). A tokenizer without a chat template (the micro character tokenizer) falls
+  back to the plain form, so one setting can serve every preset; the fallback is logged once.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # The completion the model writes after the prompt. Worked solutions end with the answer line
 # "Answer: <value>"; graders also understand GSM8K's "#### <value>" and LaTeX "\boxed{<value>}".
 PROMPT_TEMPLATE = "Q: {question}\nA: "
 ANSWER_PREFIX = "Answer: "
+# Appended to the user turn in chat form: the pretrained models know \boxed{} from their math
+# tuning, and the shared grader reads it (as it reads "Answer:" and "####").
+CHAT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+_warned_no_template: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,35 @@ class Problem:
         return asdict(self)
 
 
-def format_prompt(question: str) -> str:
-    """The prompt text for a question; the same in every stage."""
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` carries a chat template ``apply_chat_template`` can use."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(question: str, tokenizer: Any = None, *, chat_template: bool = False) -> str:
+    """The prompt text for a question; the same in every stage.
+
+    With ``chat_template`` and a tokenizer that has one, the question (plus
+    :data:`CHAT_INSTRUCTION`) becomes a single user turn rendered by
+    ``tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)``; the
+    result contains the template's special tokens as text, so callers tokenize it with
+    ``add_special_tokens=False`` as they do the plain form. Otherwise: the plain template.
+    """
+    if chat_template:
+        if tokenizer is None:
+            raise ValueError("chat_template=True needs the tokenizer whose template to apply")
+        if has_chat_template(tokenizer):
+            content = f"{question.strip()}\n{CHAT_INSTRUCTION}"
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        if id(tokenizer) not in _warned_no_template:
+            _warned_no_template.add(id(tokenizer))
+            log.warning(
+                "chat_template is on but the tokenizer (%s) has none: using the plain "
+                "Q:/A: template",
+                type(tokenizer).__name__,
+            )
     return PROMPT_TEMPLATE.format(question=question.strip())

@@ -21,6 +21,7 @@ def sample_k(
     max_new_tokens: int,
     seed: int,
     batch_size: int = 64,
+    chat_template: bool = False,
 ) -> list[list[Graded]]:
     """``k`` sampled, graded completions per problem (``mode``: "student" or "teacher")."""
     sampling = Sampling(temperature=temperature)
@@ -32,5 +33,12 @@ def sample_k(
         teacher_sampling=sampling,
         seed=seed,
     )
-    graded = decode_problems(decoder, repeated, cfg, batch_size=batch_size, desc=f"sample {mode}")
+    graded = decode_problems(
+        decoder,
+        repeated,
+        cfg,
+        batch_size=batch_size,
+        desc=f"sample {mode}",
+        chat_template=chat_template,
+    )
     return [graded[i * k : (i + 1) * k] for i in range(len(problems))]

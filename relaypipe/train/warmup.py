@@ -97,9 +97,15 @@ def build_warmup_example(
     rng: random.Random,
     student: PreTrainedModel | None = None,
     teacher: PreTrainedModel | None = None,
+    *,
+    chat_template: bool = False,
 ) -> tuple[str, str, list[int]]:
-    """(prompt, completion with commands, the inserted n values) for one right answer."""
-    prompt = format_prompt(question)
+    """(prompt, completion with commands, the inserted n values) for one right answer.
+
+    The prompt is :func:`format_prompt`'s (``chat_template``: the tokenizer's chat form), the
+    same text GRPO and evaluation will show the student.
+    """
+    prompt = format_prompt(question, tokenizer, chat_template=chat_template)
     comp_ids = tokenizer(completion, add_special_tokens=False).input_ids
     count = rng.randint(0, spec.max_commands)
     if spec.policy == "disagreement" and count:

@@ -1,0 +1,204 @@
+"""One factory for the teacher every stage uses: in-process weights or a server at a URL.
+
+Stages that need the teacher (bootstrap's measurement, filter, warmup_data's disagreement
+policy, sft's check, grpo) name it the same way in their ``params.yaml`` section::
+
+    teacher: data/models/teacher      # a model directory (in-process), the default
+    teacher_url: null                  # or an OpenAI-compatible /v1/completions server ...
+    teacher_model: null                # ... and the model name it serves (required with a URL)
+    teacher_http: {prompt_format: tokens, timeout_s: 120, ...}   # HTTP knobs (optional)
+
+With ``teacher_url`` set (the paper preset: Qwen3-8B behind vLLM), ``teacher`` still names a
+directory, but only its tokenizer is used: the relay exchanges token ids, so the prompt must be
+tokenized exactly as the server's model expects (the bootstrap stage writes that directory).
+What cannot work over HTTP fails here, before any work: the ``disagreement`` warm-up policy
+needs the teacher's logits at every position, which a completions API does not return.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relaypipe.relay.backends import Backend
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "REMOTE_TEACHER_RECORD",
+    "HTTPOptions",
+    "Teacher",
+    "build_teacher",
+    "check_same_tokenizer",
+    "validate_teacher_options",
+    "write_remote_teacher_dir",
+]
+
+# Written by the bootstrap stage into a teacher directory that stands for a served model.
+REMOTE_TEACHER_RECORD = "remote_teacher.json"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class HTTPOptions:
+    """How to talk to a served teacher (see :class:`relaypipe.relay.http_backend.HTTPBackend`)."""
+
+    prompt_format: str = "tokens"  # tokens: ids in/out (same tokenizer); text: re-tokenized
+    api_key_env: str | None = "RELAYPIPE_TEACHER_API_KEY"  # env var holding the key, if any
+    timeout_s: float = 120.0
+    max_retries: int = 3
+    concurrency: int = 32
+    # "fail" by default in a pipeline: a run whose teacher silently dropped out (skip) would
+    # be recorded as a relay result while being partly teacher-free.
+    on_failure: str = "fail"
+    check: bool = True  # list the server's models at start-up (fails fast on a wrong URL/name)
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in ("tokens", "text"):
+            raise ValueError(f"prompt_format must be tokens or text, got {self.prompt_format!r}")
+        if self.on_failure not in ("fail", "skip"):
+            raise ValueError(f"on_failure must be fail or skip, got {self.on_failure!r}")
+        if self.timeout_s <= 0 or self.max_retries < 0 or self.concurrency < 1:
+            raise ValueError("need timeout_s > 0, max_retries >= 0 and concurrency >= 1")
+
+
+def validate_teacher_options(url: str | None, model: str | None) -> None:
+    """For a stage's ``__post_init__``: a URL needs a model name and vice versa."""
+    if url and not model:
+        raise ValueError("teacher_url needs teacher_model (the model name the server serves)")
+    if model and not url:
+        raise ValueError("teacher_model is only used with teacher_url; set both or neither")
+
+
+@dataclass
+class Teacher:
+    """A ready teacher: the backend the decoder calls, and what else a stage may need."""
+
+    backend: Backend
+    tokenizer: Any  # the tokenizer whose ids the backend speaks (frames the prompts)
+    model: Any | None = None  # the in-process model (None behind a URL)
+    where: str = ""  # for logs and metrics: the directory or the URL and model
+    _owned: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def remote(self) -> bool:
+        return self.model is None
+
+    def close(self) -> None:
+        """Release the HTTP client and its threads (a no-op in-process)."""
+        for item in self._owned:
+            item.close()
+        self._owned.clear()
+
+    def __enter__(self) -> Teacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_same_tokenizer(student_tok: Any, teacher_tok: Any, what: str = "teacher") -> None:
+    """In-process relay hands token ids between the models: their vocabularies must agree."""
+    if student_tok is teacher_tok:
+        return
+    if len(student_tok) != len(teacher_tok) or student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ValueError(
+            f"the student's and the {what}'s tokenizers differ ({len(student_tok)} vs "
+            f"{len(teacher_tok)} tokens): the relay exchanges token ids, so both models must "
+            "share one tokenizer (serve a different-tokenizer teacher at a URL with "
+            "teacher_http.prompt_format: text instead)"
+        )
+
+
+def _has_weights(path: Path) -> bool:
+    return any((path / name).is_file() for name in _WEIGHT_FILES)
+
+
+def write_remote_teacher_dir(
+    out_dir: str | Path, tokenizer: Any, url: str, model: str, *, atomic: bool = True
+) -> None:
+    """A teacher directory standing for a served model: the tokenizer the relay speaks to it
+    in, and ``remote_teacher.json`` naming the server (for the record; stages still need
+    ``teacher_url``, so that no stage talks to a network it was not told about)."""
+    from relaypipe.io import atomic_path, write_json
+
+    def fill(folder: Path) -> None:
+        tokenizer.save_pretrained(folder)
+        write_json(folder / REMOTE_TEACHER_RECORD, {"url": url, "model": model})
+
+    if atomic:
+        with atomic_path(out_dir, directory=True) as tmp:
+            fill(tmp)
+    else:
+        fill(Path(out_dir))
+
+
+def build_teacher(
+    path: str | None,
+    tokenizer: Any = None,
+    *,
+    url: str | None = None,
+    model_name: str | None = None,
+    http: HTTPOptions | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    name: str = "teacher",
+) -> Teacher:
+    """The teacher the options describe.
+
+    In-process (no ``url``): loads ``path`` with :func:`relaypipe.models.load_model`; when a
+    ``tokenizer`` (the student's) is given, it must match the teacher's (token ids are shared).
+    Behind a URL: an :class:`~relaypipe.relay.http_backend.HTTPBackend` for ``model_name``
+    speaking ``tokenizer``, or, when none is given, the tokenizer saved in ``path``; checked
+    against the server's model list unless ``http.check`` is false.
+    """
+    validate_teacher_options(url, model_name)
+    from relaypipe.models import load_model, load_tokenizer
+    from relaypipe.relay.backends import TransformersBackend
+
+    if url:
+        from relaypipe.relay.http_backend import HTTPBackend
+
+        opts = http or HTTPOptions()
+        if tokenizer is None:
+            if path is None:
+                raise ValueError("a URL teacher needs a tokenizer or a directory holding one")
+            tokenizer = load_tokenizer(path)
+        backend = HTTPBackend(
+            url,
+            model_name or "",
+            tokenizer,
+            prompt_format=opts.prompt_format,
+            api_key_env=opts.api_key_env,
+            timeout_s=opts.timeout_s,
+            max_retries=opts.max_retries,
+            concurrency=opts.concurrency,
+            on_failure=opts.on_failure,
+        )
+        try:
+            if opts.check:
+                backend.check()
+        except BaseException:
+            backend.close()
+            raise
+        where = f"{model_name} at {url}"
+        log.info("teacher: %s (%s prompts)", where, opts.prompt_format)
+        return Teacher(backend, tokenizer, None, where, [backend])
+
+    if path is None:
+        raise ValueError("no teacher: give a model directory (teacher) or a teacher_url")
+    folder = Path(path)
+    record = folder / REMOTE_TEACHER_RECORD
+    if folder.is_dir() and record.is_file() and not _has_weights(folder):
+        served = json.loads(record.read_text())
+        raise ValueError(
+            f"{path} stands for a served teacher ({served.get('model')} at {served.get('url')}) "
+            "and holds no weights: set teacher_url and teacher_model in this stage's params"
+        )
+    model, own_tok = load_model(path, device=device, dtype=dtype)
+    if tokenizer is not None:
+        check_same_tokenizer(tokenizer, own_tok)
+    return Teacher(TransformersBackend(model, name=name), tokenizer or own_tok, model, str(path))
