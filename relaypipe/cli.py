@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from relaypipe import cli_bench, cli_serve
+from relaypipe import cli_bench, cli_import, cli_serve
 from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
 from relaypipe.tasks.base import format_prompt
@@ -101,12 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     _decode_parser(sub)
     cli_serve.add_parser(sub)
     cli_bench.add_parser(sub)
+    cli_import.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     from relaypipe.relay.http_backend import TeacherUnavailable
 
     try:
-        commands = {"decode": cmd_decode, "serve": cli_serve.run, "bench": cli_bench.run}
+        commands = {
+            "decode": cmd_decode,
+            "serve": cli_serve.run,
+            "bench": cli_bench.run,
+            "import": cli_import.run,
+        }
         return commands[args.command](args)
     except (TeacherUnavailable, OSError) as err:  # a clear line, not a traceback
         print(f"error: {err}", file=sys.stderr)
