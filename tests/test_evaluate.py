@@ -3,6 +3,7 @@ of a broken benchmark table, and the report stage on what it wrote."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -102,3 +103,87 @@ def test_evaluate_refuses_a_broken_benchmark_before_loading_models(tmp_path):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown mode"):
         evaluate.EvaluateParams(modes=["relay", "oracle"])
+
+
+def serve_model_dir(path, name="teacher"):
+    """A real ``relaypipe serve --model <dir>`` (the CLI's app) on a loopback port."""
+    import argparse
+
+    from relaypipe.cli_serve import add_parser, build_app
+    from relaypipe.serve import ServerThread
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["serve", "--model", str(path), "--name", name, "--device", "cpu", "--api-key-env", ""]
+    )
+    return ServerThread(build_app(args))
+
+
+def test_evaluate_with_the_teacher_behind_a_url_equals_in_process(tmp_path, model_dirs):
+    (tmp_path / "benchmarks").mkdir()
+    write_benchmarks(tmp_path / "benchmarks")
+    modes = ["student", "teacher", "random_router"]
+    local = params(tmp_path, model_dirs, modes=modes)
+    evaluate.run(dataclasses.replace(local, out_dir=str(tmp_path / "local")))
+    with serve_model_dir(model_dirs / "teacher") as srv:
+        served = dataclasses.replace(
+            local,
+            teacher="/nonexistent",  # with a URL the teacher's weights are never read
+            teacher_url=srv.url,
+            teacher_model="teacher",
+            teacher_params=123_456,
+        )
+        evaluate.run(served)
+    want = read_table(tmp_path / "local" / "requests.parquet", EvalRequestSchema)
+    got = read_table(tmp_path / "eval" / "requests.parquet", EvalRequestSchema)
+    keys = ["benchmark", "mode", "router_p", "problem_id"]
+    cols = ["correct", "student_tokens", "teacher_tokens", "command_tokens", "calls"]
+    pd.testing.assert_frame_equal(
+        got.sort_values(keys)[keys + cols].reset_index(drop=True),
+        want.sort_values(keys)[keys + cols].reset_index(drop=True),
+    )
+    # the teacher really answered over HTTP: every teacher-alone row has teacher tokens
+    assert (got[got["mode"] == "teacher"].teacher_tokens > 0).all()
+    assert got[got["mode"] == "random_router"].teacher_tokens.sum() > 0
+    models = json.loads((tmp_path / "eval" / "models.json").read_text())
+    assert models["teacher"] == {"path": f"teacher at {srv.url}", "params": 123_456}
+
+
+@pytest.mark.parametrize(
+    ("kw", "words"),
+    [
+        ({"teacher_url": "http://127.0.0.1:9"}, "teacher_model"),
+        ({"teacher_model": "t"}, "only used with teacher_url"),
+        ({"teacher_url": "http://127.0.0.1:9", "teacher_model": "t"}, "teacher_params"),
+        ({"teacher_params": 10}, "served teacher"),
+    ],
+)
+def test_served_teacher_options_are_checked(kw, words):
+    with pytest.raises(ValueError, match=words):
+        evaluate.EvaluateParams(**kw)
+
+
+def test_evaluate_with_an_unreachable_teacher_fails_before_decoding(tmp_path, model_dirs):
+    import socket
+
+    (tmp_path / "benchmarks").mkdir()
+    write_benchmarks(tmp_path / "benchmarks")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    http = evaluate.HTTPOptions(max_retries=0, timeout_s=5)
+    p = params(
+        tmp_path,
+        model_dirs,
+        teacher_url=url,
+        teacher_model="t",
+        teacher_params=9,
+        teacher_http=http,
+    )
+    try:
+        with pytest.raises(Exception, match=url.split("//")[1]):
+            evaluate.run(p)
+    finally:
+        sock.close()
+    assert not (tmp_path / "eval").exists()

@@ -94,11 +94,14 @@ def evaluate_benchmarks(
     decoders: Mapping[str, RelayDecoder],
     config: RelayConfig,
     batch_size: int = 100,
+    *,
+    chat_template: bool = False,
 ) -> pd.DataFrame:
     """Decode and grade every benchmark in every run; rows shaped like EvalRequestSchema.
 
     ``decoders`` maps a student role (``MODE_PLAN``) to a decoder holding that student and the
     teacher; ``config`` carries bounds, sampling and seed, and each run sets its mode and p.
+    ``chat_template``: prompts in the tokenizer's chat form (as in training).
     """
     rows: list[dict] = []
     jobs = [(name, run) for name in benchmarks for run in runs]
@@ -116,6 +119,7 @@ def evaluate_benchmarks(
             cfg,
             batch_size=batch_size,
             desc=f"{name} {run.label}",
+            chat_template=chat_template,
         )
         for g in graded:
             tr = g.trace

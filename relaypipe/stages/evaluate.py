@@ -15,6 +15,13 @@ the student was trained under; they are repeated here because a stage reads only
 params section. Departures from the paper: benchmarks are the micro task's difficulty levels
 (plus any dataset from ``prepare.benchmarks``), and the cost is measured in full (see
 relaypipe/evaluate/cost.py), not only as the teacher's token share.
+
+The teacher is a model directory (in-process) or, with ``teacher_url``/``teacher_model``, a
+served model (vLLM, ``relaypipe serve``; see relaypipe/teacher.py): the teacher-alone, relay and
+random-router modes then send every teacher turn to that server. A served teacher's parameter
+count cannot be read from its weights, so ``teacher_params`` must give it (the report's FLOPs
+and cost need it). ``chat_template`` frames prompts with the students' chat template, exactly as
+the training stages did.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import EVAL_MODES, EvalRequestSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.tasks.base import Problem
+from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +73,12 @@ class EvaluateParams:
     student: str = "data/models/student"
     warmup: str = "data/models/warmup"
     relay_model: str = "data/models/relay"
-    teacher: str = "data/models/teacher"
+    teacher: str = "data/models/teacher"  # weights (unused with teacher_url)
+    teacher_url: str | None = None  # an OpenAI-compatible server instead of in-process weights
+    teacher_model: str | None = None  # the model name served at teacher_url
+    teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
+    teacher_params: int | None = None  # the served teacher's parameter count (with teacher_url)
+    chat_template: bool = False  # frame prompts with the tokenizer's chat template
     out_dir: str = "data/eval"
 
     def __post_init__(self) -> None:
@@ -78,6 +91,16 @@ class EvaluateParams:
             raise ValueError(f"router_p values must be in [0, 1], got {self.router_p}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+        validate_teacher_options(self.teacher_url, self.teacher_model)
+        if self.teacher_url and not self.teacher_params:
+            raise ValueError(
+                "teacher_url needs teacher_params (the served model's parameter count): the "
+                "report's FLOPs and cost cannot read it from weights behind a server"
+            )
+        if self.teacher_params is not None and not self.teacher_url:
+            raise ValueError("teacher_params is only for a served teacher (teacher_url)")
+        if self.teacher_params is not None and self.teacher_params < 1:
+            raise ValueError(f"teacher_params must be >= 1, got {self.teacher_params}")
 
 
 def load_benchmarks(params: EvaluateParams) -> dict[str, list[Problem]]:
@@ -106,13 +129,24 @@ def run(params: EvaluateParams) -> dict:
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     roles = sorted({r.student_role for r in runs})
 
-    teacher_model, _ = load_model(params.teacher, device=params.device)
-    teacher = TransformersBackend(teacher_model.eval(), name="teacher")
-    decoders, students = {}, {}
+    student_models, students = {}, {}
     for role in roles:
-        model, tok = load_model(paths[role], device=params.device)
-        decoders[role] = RelayDecoder(TransformersBackend(model.eval(), name=role), teacher, tok)
-        students[role] = {"path": paths[role], "params": count_parameters(model)}
+        student_models[role], tok = load_model(paths[role], device=params.device)
+        students[role] = {"path": paths[role], "params": count_parameters(student_models[role])}
+    # The students share one tokenizer (each stage starts from the previous one's): the
+    # teacher must speak it (checked in-process; over HTTP it frames the ids it sends).
+    teacher = build_teacher(
+        params.teacher,
+        tok,
+        url=params.teacher_url,
+        model_name=params.teacher_model,
+        http=params.teacher_http,
+        device=params.device,
+    )
+    decoders = {
+        role: RelayDecoder(TransformersBackend(m.eval(), name=role), teacher.backend, tok)
+        for role, m in student_models.items()
+    }
 
     sampling = Sampling(temperature=params.temperature)
     b = params.relay
@@ -126,14 +160,24 @@ def run(params: EvaluateParams) -> dict:
         teacher_sampling=sampling,
         seed=params.seed,
     )
-    with torch.inference_mode():
-        table = evaluate_benchmarks(benchmarks, runs, decoders, config, params.batch_size)
+    with teacher, torch.inference_mode():
+        table = evaluate_benchmarks(
+            benchmarks,
+            runs,
+            decoders,
+            config,
+            params.batch_size,
+            chat_template=params.chat_template,
+        )
 
     out = Path(params.out_dir)
     # The table first: if it breaks its contract, nothing (not even models.json) is written.
     write_table(table, out / "requests.parquet", EvalRequestSchema)
     models = {
-        "teacher": {"path": params.teacher, "params": count_parameters(teacher_model)},
+        "teacher": {
+            "path": teacher.where,
+            "params": params.teacher_params if teacher.remote else count_parameters(teacher.model),
+        },
         "students": students,
         "modes": {r.mode: r.student_role for r in runs},
     }
