@@ -222,3 +222,15 @@ def test_hub_dataset_fails_fast_offline() -> None:
     assert "'test'" in message
     assert "HF_DATASETS_OFFLINE" in message
     assert "local" in message
+
+
+def test_list_answer_cells_are_joined_not_repr(tmp_path: Path) -> None:
+    # OlympiadBench's final_answer is a list of strings (paper preset)
+    rows = [
+        {"question": "Half of one?", "final_answer": ["$\\frac{1}{2}$"]},
+        {"question": "Roots of x^2-3x+2?", "final_answer": ["1", "2"]},
+    ]
+    source = write_parquet(tmp_path / "olympiad.parquet", rows)
+    problems = load_problems(DatasetSpec(source=str(source), answer_column="final_answer"))
+    assert [p.answer for p in problems][1] == "1, 2"
+    assert "[" not in problems[0].answer and "frac{1}{2}" in problems[0].answer

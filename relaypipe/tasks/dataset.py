@@ -194,6 +194,11 @@ def _load_table(spec: DatasetSpec) -> datasets.Dataset:
 def _cell_text(value: Any) -> str | None:
     if value is None:
         return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "ndarray":
+        # A list cell (OlympiadBench's final_answer: ["$\\frac{1}{2}$"]): its items joined,
+        # not Python's repr of the list, which no grader would ever match.
+        items = [t for t in (_cell_text(v) for v in value) if t]
+        return ", ".join(items) or None
     text = value if isinstance(value, str) else str(value)
     return text.strip() or None
 
