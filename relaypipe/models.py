@@ -126,7 +126,8 @@ def load_model(
     except OSError as err:
         raise OSError(
             f"could not load model {source!r}{f' (gguf {gguf_file})' if gguf_file else ''}: "
-            f"{err}. Without network access use a local directory (e.g. data/models/...)."
+            f"{str(err).rstrip('. ')}. Without network access use a local directory (e.g. "
+            "data/models/...), a .gguf file, or `relaypipe import --smollm2`."
         ) from err
     add_call_tokens(tok, model)
     model.to(pick_device(device)).eval()
