@@ -1,5 +1,7 @@
 # relaypipe — two commands on a fresh machine:
-#   make run    set up .venv if needed, then `dvc repro` the default (micro) preset
+#   make run    set up .venv if needed, then `dvc repro` the default (micro) preset, with one
+#               local Prefect server for all its stages (python -m flows repro; see
+#               docs/orchestration.md). Extra dvc repro arguments: make run ARGS="-f grpo"
 #   make test   set up .venv if needed, then the test suite
 #
 # TORCH_SPEC picks the torch build installed before everything else. The default is the
@@ -8,6 +10,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.relaypipe-installed
 
@@ -23,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" python -m flows repro $(ARGS)
 
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest

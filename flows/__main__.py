@@ -80,13 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--no-push", action="store_true")
     pipe.add_argument("--force", action="store_true")
     sub.add_parser("stages", help="list the stage flows")
-    args = parser.parse_args(argv)
+    # parse_known_args: argparse's REMAINDER does not take options that come first
+    # (`repro -f prepare`), so those come back as unknown and go to dvc in their order.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "repro":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
     if args.command == "repro":
-        if not args.dvc_args and dvc_up_to_date():
+        dvc_args = [*unknown, *args.dvc_args]
+        if not dvc_args and dvc_up_to_date():
             print("every stage is up to date", file=sys.stderr)
             return 0
-        return with_server([dvc_exe(), "repro", *args.dvc_args])
+        return with_server([dvc_exe(), "repro", *dvc_args])
     if args.command == "exec":
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:

@@ -231,3 +231,18 @@ def test_set_params_need_an_experiment(tmp_path):
     assert subprocess.run(
         [sys.executable, "-m", "flows", "stages"], capture_output=True, text=True, cwd=ROOT
     ).stdout.splitlines()[0] == ("prepare\trelaypipe.stages.prepare")
+
+
+def test_flows_repro_passes_dvc_options_through(monkeypatch):
+    """``python -m flows repro -f prepare`` runs ``dvc repro -f prepare`` (options first too)."""
+    import flows.__main__ as cli
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli, "with_server", lambda cmd: calls.append(cmd[1:]) or 0)
+    monkeypatch.setattr(cli, "dvc_up_to_date", lambda: True)
+    for argv in (["repro", "-f"], ["repro", "-f", "prepare"], ["repro", "prepare", "-s"]):
+        assert cli.main(argv) == 0
+    assert cli.main(["repro"]) == 0  # up to date: no dvc, no server
+    assert calls == [["repro", "-f"], ["repro", "-f", "prepare"], ["repro", "prepare", "-s"]]
+    with pytest.raises(SystemExit):
+        cli.main(["stages", "--bogus"])
