@@ -357,3 +357,15 @@ def test_smollm2_from_pypi_imports_and_relays(tmp_path):
     (relayed,) = decoder.decode([ids], cfg)
     assert relayed.n_teacher > 0 and relayed.n_student > 0 and not relayed.events
     assert relayed.token_ids == alone.token_ids
+
+
+def test_cli_import_prints_what_it_wrote(tmp_path, llama_dir, capsys):
+    from relaypipe.cli import main
+
+    assert main(["import", "--source", str(llama_dir), "--out", str(tmp_path / "out")]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["out_dir"] == str(tmp_path / "out") and len(row["call_token_ids"]) == 2
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    # a clear one-line error, not a traceback, for a GGUF path that does not exist
+    assert main(["import", "--gguf", str(tmp_path / "x.gguf"), "--out", str(tmp_path / "o")]) == 2
+    assert "x.gguf" in capsys.readouterr().err and not (tmp_path / "o").exists()
