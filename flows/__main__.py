@@ -27,8 +27,7 @@ import flows  # noqa: F401  (Prefect setting defaults, before anything imports P
 
 def dvc_exe() -> str:
     """The ``dvc`` of this interpreter's environment first (``make run`` has it on PATH)."""
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    return shutil.which("dvc", path=path) or "dvc"
+    return shutil.which("dvc", path=tool_path()) or "dvc"
 
 
 def prefect_api_configured() -> bool:
@@ -45,18 +44,30 @@ def dvc_up_to_date() -> bool:
     return subprocess.run([dvc_exe(), "status", "-q"], stdin=subprocess.DEVNULL).returncode == 0
 
 
+def tool_path() -> str:
+    """PATH with this interpreter's directory first, so ``dvc`` and the stages' ``python`` come
+    from this environment even when it is not activated (``.venv/bin/python -m flows ...``)."""
+    return os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
 def with_server(cmd: Sequence[str]) -> int:
     """Run ``cmd`` with ``PREFECT_API_URL`` pointing at a server (started here if need be)."""
+    env = {**os.environ, "PATH": tool_path()}
+    exe = shutil.which(cmd[0], path=env["PATH"])
+    if exe is None:
+        print(f"python -m flows: command not found: {cmd[0]}", file=sys.stderr)
+        return 127
+    cmd = [exe, *cmd[1:]]
     if prefect_api_configured():
-        return subprocess.call(list(cmd))
+        return subprocess.call(cmd, env=env)
     from flows.server import local_server
 
     print("starting a Prefect server on 127.0.0.1 for this run ...", file=sys.stderr, flush=True)
     with local_server() as server:
         print(f"Prefect UI: {server.ui_url}", file=sys.stderr, flush=True)
-        env = {**os.environ, "PREFECT_API_URL": server.api_url}
+        env["PREFECT_API_URL"] = server.api_url
         try:
-            return subprocess.call(list(cmd), env=env)
+            return subprocess.call(cmd, env=env)
         except KeyboardInterrupt:  # dvc got the same Ctrl-C; stop the server and go
             return 130
 

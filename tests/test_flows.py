@@ -246,3 +246,14 @@ def test_flows_repro_passes_dvc_options_through(monkeypatch):
     assert calls == [["repro", "-f"], ["repro", "-f", "prepare"], ["repro", "prepare", "-s"]]
     with pytest.raises(SystemExit):
         cli.main(["stages", "--bogus"])
+
+
+def test_flows_exec_finds_this_environments_tools(monkeypatch, capsys):
+    """``exec`` resolves the command on PATH with this interpreter's directory first (``dvc``
+    from .venv without activating it); an unknown command is one line, no server, no traceback."""
+    import flows.__main__ as cli
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert cli.main(["exec", "--", "no-such-command-relaypipe"]) == 127
+    assert "command not found: no-such-command-relaypipe" in capsys.readouterr().err
+    assert cli.dvc_exe() == str(Path(sys.executable).parent / "dvc")
