@@ -40,18 +40,18 @@ def add_teacher_arguments(group: Any, *, required: bool) -> None:
 
 
 def build_teacher(args: argparse.Namespace, tok: Any) -> Any:
-    """The teacher backend the arguments describe (checked up front when remote)."""
-    from relaypipe.models import load_model
-    from relaypipe.relay.backends import TransformersBackend
-    from relaypipe.relay.http_backend import HTTPBackend
+    """The teacher backend the arguments describe, through :func:`relaypipe.teacher.build_teacher`
+    (the factory the stages use): checked against the server's model list when remote, against
+    the student's tokenizer when in-process."""
+    from relaypipe.teacher import HTTPOptions
+    from relaypipe.teacher import build_teacher as teacher_factory
 
-    if args.teacher_url:
-        if not args.teacher_model:
-            raise SystemExit("error: --teacher-url needs --teacher-model")
-        teacher = HTTPBackend(
-            args.teacher_url,
-            args.teacher_model,
-            tok,
+    if args.teacher_url and not args.teacher_model:
+        raise SystemExit("error: --teacher-url needs --teacher-model")
+    if args.teacher_model and not args.teacher_url:
+        raise SystemExit("error: --teacher-model is only used with --teacher-url")
+    try:
+        http = HTTPOptions(
             prompt_format=args.teacher_format,
             api_key_env=args.teacher_api_key_env,
             timeout_s=args.teacher_timeout,
@@ -59,10 +59,18 @@ def build_teacher(args: argparse.Namespace, tok: Any) -> Any:
             concurrency=args.teacher_concurrency,
             on_failure=args.on_teacher_failure,
         )
-        teacher.check()
-        return teacher
-    model, _ = load_model(args.teacher, device=args.device, dtype=getattr(args, "dtype", "float32"))
-    return TransformersBackend(model, name="teacher")
+        teacher = teacher_factory(
+            args.teacher,
+            tok,
+            url=args.teacher_url,
+            model_name=args.teacher_model,
+            http=http,
+            device=args.device,
+            dtype=getattr(args, "dtype", "float32"),
+        )
+    except ValueError as err:  # bad options, a weightless teacher dir, mismatched tokenizers
+        raise SystemExit(f"error: {err}") from err
+    return teacher.backend
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from relaypipe.models import load_model
 from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.http_backend import HTTPBackend, TeacherUnavailable
+from relaypipe.relay.trace import Source
 from relaypipe.serve import ServerThread
 from relaypipe.teacher import (
     REMOTE_TEACHER_RECORD,
@@ -174,3 +175,25 @@ def test_nothing_to_build_from():
 def test_http_options_are_validated(kw, words):
     with pytest.raises(ValueError, match=words):
         HTTPOptions(**kw)
+
+
+def test_cli_decode_uses_the_same_factory(model_dirs, server, tmp_path, capsys):
+    import json
+
+    from relaypipe.cli import main
+
+    common = ["decode", "--student", str(model_dirs / "student"), "--device", "cpu"]
+    common += ["--prompt", "1+2+3", "--mode", "teacher", "--max-new-tokens", "8", "--json"]
+    assert main([*common, "--teacher", str(model_dirs / "teacher")]) == 0
+    local = json.loads(capsys.readouterr().out)
+    url = ["--teacher-url", server.url, "--teacher-model", "teacher"]
+    assert main([*common, *url]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert remote["token_ids"] == local["token_ids"] and set(remote["sources"]) == {Source.TEACHER}
+    # a directory standing for a served teacher is refused with a pointer to the URL options
+    _, tok = load_model(str(model_dirs / "teacher"), device="cpu")
+    write_remote_teacher_dir(tmp_path / "t", tok, server.url, "teacher")
+    with pytest.raises(SystemExit, match="teacher_url"):
+        main([*common, "--teacher", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="only used with --teacher-url"):
+        main([*common, "--teacher", str(model_dirs / "teacher"), "--teacher-model", "x"])
