@@ -157,3 +157,19 @@ def test_pretrained_with_a_served_teacher(workdir, tmp_path):
 def test_bad_pretrained_sections_fail_clearly(section, words):
     with pytest.raises(ConfigError, match=words):
         build(bootstrap.BootstrapParams, section, "params.yaml:bootstrap")
+
+
+def test_an_unreachable_served_teacher_fails_before_anything_is_written(workdir, tmp_path):
+    import socket
+
+    from relaypipe.relay.http_backend import TeacherUnavailable
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with pytest.raises(TeacherUnavailable, match="cannot list models"):
+            bootstrap.run(params(workdir, tmp_path / "out", teacher_url=url, teacher_model="m"))
+    finally:
+        sock.close()
+    assert not (tmp_path / "out").exists()

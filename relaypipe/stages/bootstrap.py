@@ -146,6 +146,42 @@ def _fine_tune(
     }
 
 
+def _local_teacher(
+    params: BootstrapParams,
+    student: Any,
+    tok: Any,
+    s_info: Any,
+    train: list[Problem],
+    device: Any,
+    metrics: dict[str, Any],
+    **kw: Any,
+) -> Teacher:
+    """Import (or reuse) the in-process teacher, fine-tune it if asked, save it."""
+    from relaypipe.importing import load_for_import, save_import
+    from relaypipe.relay.backends import TransformersBackend
+    from relaypipe.teacher import check_same_tokenizer
+
+    assert params.teacher_source is not None
+    # The same untouched source twice (SmolLM2 as both, say) is loaded once: same weights.
+    same = (
+        params.teacher_source == params.student_source
+        and params.student_train is None
+        and params.teacher_train is None
+    )
+    if same:
+        t_model, t_tok, t_info = student, tok, s_info
+    else:
+        t_model, t_tok, t_info = load_for_import(params.teacher_source, **kw)
+        check_same_tokenizer(tok, t_tok)
+        t_model.to(device)
+    metrics["teacher_params"] = t_info.parameters
+    metrics["teacher_import_seconds"] = 0.0 if same else t_info.load_seconds
+    if params.teacher_train is not None:
+        metrics |= _fine_tune("teacher", t_model, t_tok, train, params.teacher_train, params)
+    save_import(t_model, t_tok, t_info, Path(params.out_dir) / "teacher")
+    return Teacher(TransformersBackend(t_model.eval(), name="teacher"), tok, t_model)
+
+
 def run_pretrained(
     params: BootstrapParams, train: list[Problem], evaluation: list[Problem]
 ) -> dict[str, Any]:
@@ -154,7 +190,7 @@ def run_pretrained(
     from relaypipe.models import pick_device
     from relaypipe.relay.backends import TransformersBackend
     from relaypipe.relay.decoder import RelayDecoder
-    from relaypipe.teacher import build_teacher, check_same_tokenizer, write_remote_teacher_dir
+    from relaypipe.teacher import build_teacher, write_remote_teacher_dir
 
     assert params.student_source is not None  # checked in __post_init__
     out = Path(params.out_dir)
@@ -165,41 +201,32 @@ def run_pretrained(
     student, tok, s_info = load_for_import(params.student_source, **kw)
     metrics["student_params"] = s_info.parameters
     metrics["student_import_seconds"] = s_info.load_seconds
-    # The same untouched source twice (SmolLM2 as both, say) is loaded once: same weights.
-    same = (
-        params.teacher_source == params.student_source
-        and params.student_train is None
-        and params.teacher_train is None
-    )
-    student.to(device)
-    if params.student_train is not None:
-        metrics |= _fine_tune("student", student, tok, train, params.student_train, params)
-    save_import(student, tok, s_info, out / "student")
-
+    served = None
     if params.teacher_url:
-        write_remote_teacher_dir(out / "teacher", tok, params.teacher_url, params.teacher_model)
-        metrics["teacher_params"] = None  # behind the server; not ours to count
-        teacher = build_teacher(
+        # Reach the server before any fine-tuning or writing: a wrong URL fails in seconds.
+        served = build_teacher(
             None,
             tok,
             url=params.teacher_url,
             model_name=params.teacher_model,
             http=params.teacher_http,
         )
-    else:
-        assert params.teacher_source is not None
-        if same:
-            t_model, t_tok, t_info = student, tok, s_info
+    try:
+        student.to(device)
+        if params.student_train is not None:
+            metrics |= _fine_tune("student", student, tok, train, params.student_train, params)
+        save_import(student, tok, s_info, out / "student")
+        if served is not None:
+            assert params.teacher_url and params.teacher_model
+            write_remote_teacher_dir(out / "teacher", tok, params.teacher_url, params.teacher_model)
+            metrics["teacher_params"] = None  # behind the server; not ours to count
+            teacher = served
         else:
-            t_model, t_tok, t_info = load_for_import(params.teacher_source, **kw)
-            check_same_tokenizer(tok, t_tok)
-            t_model.to(device)
-        metrics["teacher_params"] = t_info.parameters
-        metrics["teacher_import_seconds"] = 0.0 if same else t_info.load_seconds
-        if params.teacher_train is not None:
-            metrics |= _fine_tune("teacher", t_model, t_tok, train, params.teacher_train, params)
-        save_import(t_model, t_tok, t_info, out / "teacher")
-        teacher = Teacher(TransformersBackend(t_model.eval(), name="teacher"), tok, t_model)
+            teacher = _local_teacher(params, student, tok, s_info, train, device, metrics, **kw)
+    except BaseException:
+        if served is not None:
+            served.close()
+        raise
 
     with teacher:
         s_backend = TransformersBackend(student.eval(), name="student")
