@@ -126,6 +126,7 @@ def train_grpo(params: GRPOParams) -> None:
         "logging_steps": 1,
         "save_strategy": "steps",
         "use_cpu": model.device.type == "cpu",
+        "bf16": model.device.type == "cuda",  # trl defaults to bf16; CPU trains in float32
         "disable_tqdm": False,
         "max_completion_length": params.max_new_tokens,
     }

@@ -74,6 +74,7 @@ def train_sft(params: SFTParams) -> None:
         "save_strategy": "steps",
         "logging_steps": 10,
         "use_cpu": model.device.type == "cpu",
+        "bf16": model.device.type == "cuda",  # trl defaults to bf16; CPU trains in float32
         "completion_only_loss": True,
         "disable_tqdm": False,
     }
