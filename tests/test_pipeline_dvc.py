@@ -76,6 +76,21 @@ def test_repro_writes_every_artifact(repo):
     assert json.loads((repo / "data/eval/plots/tradeoff.json").read_text())
 
 
+def test_committed_run_shows_its_metrics_in_exp_show(repo):
+    """Metrics are DVC-cached outputs (git ignores data/), so a commit's row is filled in."""
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "first run", cwd=repo)
+    rows = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
+    (baseline,) = [row for row in rows if row["rev"] != "workspace"]
+    metrics = baseline["data"]["metrics"]
+    assert 0.0 <= metrics["data/models/bootstrap.json"]["data"]["student_accuracy"] <= 1.0
+    evaluated = metrics["data/eval/metrics.json"]["data"]
+    assert 0.0 <= evaluated["modes"]["relay"]["accuracy"] <= 1.0
+    assert "gap_recovered" in evaluated
+    params = baseline["data"]["params"]["params.yaml"]["data"]
+    assert params["grpo"]["reward"] == "difficulty_aware"  # params and metrics side by side
+
+
 def test_second_repro_does_nothing_and_a_param_change_reruns_only_its_stage(repo):
     again = sh("dvc", "repro", cwd=repo)
     assert "didn't change, skipping" in again.stdout
