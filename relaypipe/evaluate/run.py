@@ -6,6 +6,7 @@ reward meant.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,3 +81,31 @@ def summarize(graded: Sequence[Graded]) -> dict[str, float]:
         "commands_emitted": commands,
         "command_parse_rate": round(1 - malformed / commands, 4) if commands else 1.0,
     }
+
+
+def solo_accuracies(
+    decoder: RelayDecoder,
+    problems: list[Problem],
+    *,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int,
+    chat_template: bool = False,
+) -> dict[str, float | int]:
+    """Greedy accuracy of each model alone (modes ``student`` and ``teacher``): the bootstrap's
+    measurement, whichever way the pair was made."""
+    metrics: dict[str, float | int] = {}
+    start = time.perf_counter()
+    for mode in ("student", "teacher"):
+        graded = decode_problems(
+            decoder,
+            problems,
+            RelayConfig(mode=mode, max_new_tokens=max_new_tokens, seed=seed),
+            batch_size=batch_size,
+            desc=f"eval {mode}",
+            chat_template=chat_template,
+        )
+        metrics[f"{mode}_accuracy"] = round(accuracy(graded), 4)
+    metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+    metrics["n_eval"] = len(problems)
+    return metrics

@@ -7,17 +7,16 @@ number of steps differ, so the teacher is clearly better and relaying can matter
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from relaypipe.evaluate.run import accuracy, decode_problems
+from relaypipe.evaluate.run import solo_accuracies
 from relaypipe.io import atomic_path
 from relaypipe.micro.models import ModelSize, build_model, count_parameters
 from relaypipe.micro.tokenizer import build_char_tokenizer
 from relaypipe.micro.train_lm import TrainSpec, train_causal_lm
 from relaypipe.relay.backends import TransformersBackend
-from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.decoder import RelayDecoder
 from relaypipe.tasks.base import Problem
 
 log = logging.getLogger(__name__)
@@ -58,17 +57,12 @@ def bootstrap_pair(
     decoder = RelayDecoder(
         TransformersBackend(models["student"]), TransformersBackend(models["teacher"]), tok
     )
-    t = time.perf_counter()
-    for mode in ("student", "teacher"):
-        graded = decode_problems(
-            decoder,
-            evaluation,
-            RelayConfig(mode=mode, max_new_tokens=spec.max_new_tokens, seed=spec.seed),
-            batch_size=spec.eval_batch_size,
-            desc=f"eval {mode}",
-        )
-        metrics[f"{mode}_accuracy"] = round(accuracy(graded), 4)
-    metrics["eval_seconds"] = round(time.perf_counter() - t, 1)
-    metrics["n_eval"] = len(evaluation)
+    metrics |= solo_accuracies(
+        decoder,
+        evaluation,
+        max_new_tokens=spec.max_new_tokens,
+        seed=spec.seed,
+        batch_size=spec.eval_batch_size,
+    )
     log.info("bootstrap metrics: %s", metrics)
     return metrics

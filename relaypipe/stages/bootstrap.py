@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from relaypipe.evaluate.run import accuracy, decode_problems
+from relaypipe.evaluate.run import solo_accuracies
 from relaypipe.io import read_table, write_json
 from relaypipe.micro.bootstrap import BootstrapSpec, bootstrap_pair
 from relaypipe.micro.models import ModelSize
@@ -114,23 +114,14 @@ def _measure(
     decoder: Any, evaluation: list[Problem], params: BootstrapParams
 ) -> dict[str, float | int]:
     """Greedy accuracy of each model alone on the eval problems (modes student, teacher)."""
-    from relaypipe.relay.decoder import RelayConfig
-
-    metrics: dict[str, float | int] = {}
-    t = time.perf_counter()
-    for mode in ("student", "teacher"):
-        graded = decode_problems(
-            decoder,
-            evaluation,
-            RelayConfig(mode=mode, max_new_tokens=params.max_new_tokens, seed=params.seed),
-            batch_size=params.eval_batch_size,
-            desc=f"eval {mode}",
-            chat_template=params.chat_template,
-        )
-        metrics[f"{mode}_accuracy"] = round(accuracy(graded), 4)
-    metrics["eval_seconds"] = round(time.perf_counter() - t, 1)
-    metrics["n_eval"] = len(evaluation)
-    return metrics
+    return solo_accuracies(
+        decoder,
+        evaluation,
+        max_new_tokens=params.max_new_tokens,
+        seed=params.seed,
+        batch_size=params.eval_batch_size,
+        chat_template=params.chat_template,
+    )
 
 
 def _fine_tune(
