@@ -43,6 +43,24 @@ def test_group_with_no_right_rollout_rewards_asking_by_its_ratio():
     assert reward(rows) == pytest.approx([0.0, 0.2])
 
 
+def test_cut_off_rollouts_earn_nothing_for_asking_unless_the_paper_table_is_asked_for():
+    # no right rollout; the second asked and finished (0.2), the third asked until it was cut off
+    kwargs = {
+        "answer": ["2"] * 3,
+        "problem_id": ["p"] * 3,
+        "teacher_tokens": [0, 6, 15],
+        "generated_tokens": [30, 30, 30],
+        "finished": [True, True, False],
+    }
+    completions = [WRONG, WRONG, WRONG]
+    assert difficulty_aware_reward(completions, **kwargs) == pytest.approx([0.0, 0.2, 0.0])
+    paper = reward_by_name("difficulty_aware", pay_unfinished=True)
+    assert paper(completions, **kwargs) == pytest.approx([0.0, 0.2, 0.5])
+    # the guard only touches that row: a cut-off right answer (impossible here) keeps its reward
+    kwargs["finished"] = [False] * 3
+    assert difficulty_aware_reward([RIGHT, WRONG, WRONG], **kwargs)[0] == pytest.approx(1.5)
+
+
 def test_call_ratio_is_capped_and_uses_delivered_tokens():
     # 50 delivered of 40 generated cannot happen in a trace, but a cap keeps the reward sane
     assert reward([(RIGHT, 50, 40)]) == pytest.approx([0.0])

@@ -59,6 +59,7 @@ class GRPOParams:
     reward: str = "difficulty_aware"  # difficulty_aware | accuracy | cost_penalised
     cost_weight: float = 0.5  # cost_penalised: weight of the call ratio
     budget_penalty: float = 1.0  # cost_penalised: penalty when a budget refused a call
+    pay_unfinished: bool = False  # difficulty_aware: true pays cut-off rollouts (the paper's table)
     mask_teacher_tokens: bool = True
     eval_n: int = 300
     eval_temperature: float = 0.0  # decoding of the post-training check (0 = greedy)
@@ -154,7 +155,11 @@ def train_grpo(params: GRPOParams) -> None:
     )
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[reward_by_name(params.reward, params.cost_weight, params.budget_penalty)],
+        reward_funcs=[
+            reward_by_name(
+                params.reward, params.cost_weight, params.budget_penalty, params.pay_unfinished
+            )
+        ],
         args=args,
         train_dataset=dataset,
         processing_class=tok,

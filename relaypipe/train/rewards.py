@@ -15,6 +15,12 @@ a right rollout without calls      1.5         1 - call_ratio  0         0
 else a right rollout with calls    --          1 - call_ratio  -1        0
 no right rollout                   --          --              0         call_ratio
 =================================  ==========  ==============  ========  ===========
+
+One guard the paper's table lacks (on unless ``pay_unfinished=True``): in the last row, a
+rollout that never finished (cut off by the length or turn bound, ``finished`` False) earns 0,
+not its call ratio. Without it a small policy learns to call until the length bound cuts it off:
+every group is then wrong, and the call ratio of a cut-off rollout is the only reward left
+(measured: call rate 1.0, teacher share 0.54, accuracy 0.00 after 150 steps at lr 1e-4).
 """
 
 from __future__ import annotations
@@ -56,9 +62,11 @@ def difficulty_aware_reward(
     problem_id: list[str],
     teacher_tokens: list[int],
     generated_tokens: list[int],
+    finished: list[bool] | None = None,
     **_: Any,
 ) -> list[float]:
-    """RelayLLM's difficulty-aware reward, judged per prompt group (table in the module doc).
+    """RelayLLM's difficulty-aware reward, judged per prompt group (table in the module doc);
+    ``finished`` (None: all finished) withholds the last row's pay from cut-off rollouts.
 
     >>> difficulty_aware_reward(
     ...     ["Answer: 4", "Answer: 4", "Answer: 5"], answer=["4"] * 3, problem_id=["p"] * 3,
@@ -68,6 +76,7 @@ def difficulty_aware_reward(
     correct = [float(is_correct(_text(c), a)) > 0 for c, a in zip(completions, answer, strict=True)]
     ratio = call_ratios(teacher_tokens, generated_tokens)
     called = [t > 0 for t in teacher_tokens]
+    done = finished if finished is not None else [True] * len(completions)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, pid in enumerate(problem_id):
         groups[pid].append(i)
@@ -83,7 +92,7 @@ def difficulty_aware_reward(
             elif has_relayed:
                 rewards[i] = 0.0 if called[i] else -1.0
             else:  # nobody got it right: asking was the right instinct
-                rewards[i] = ratio[i] if called[i] else 0.0
+                rewards[i] = ratio[i] if called[i] and done[i] else 0.0
     return rewards
 
 
@@ -114,9 +123,23 @@ def make_cost_penalised_reward(cost_weight: float = 0.5, budget_penalty: float =
 REWARDS = ("difficulty_aware", "accuracy", "cost_penalised")
 
 
-def reward_by_name(name: str, cost_weight: float = 0.5, budget_penalty: float = 1.0) -> RewardFunc:
+def reward_by_name(
+    name: str,
+    cost_weight: float = 0.5,
+    budget_penalty: float = 1.0,
+    pay_unfinished: bool = False,
+) -> RewardFunc:
+    """The reward ``name`` (one of REWARDS); ``pay_unfinished`` drops the difficulty-aware
+    reward's guard on cut-off rollouts (the paper's table exactly)."""
     if name == "difficulty_aware":
-        return difficulty_aware_reward
+        if not pay_unfinished:
+            return difficulty_aware_reward
+
+        def paper_difficulty_aware_reward(*args: Any, **kwargs: Any) -> list[float]:
+            kwargs.pop("finished", None)
+            return difficulty_aware_reward(*args, **kwargs)
+
+        return paper_difficulty_aware_reward
     if name == "accuracy":
         return accuracy_reward
     if name == "cost_penalised":

@@ -19,9 +19,11 @@ from transformers import PreTrainedTokenizerBase
 
 from relaypipe.relay.backends import Backend, Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
-from relaypipe.relay.trace import RelayTrace
+from relaypipe.relay.trace import RelayTrace, StopReason
 
 log = logging.getLogger(__name__)
+
+FINISHED = (StopReason.STUDENT_EOS, StopReason.TEACHER_EOS)
 
 
 def rollout_fields(traces: list[RelayTrace], mask_teacher_tokens: bool) -> dict[str, list]:
@@ -39,6 +41,8 @@ def rollout_fields(traces: list[RelayTrace], mask_teacher_tokens: bool) -> dict[
         "generated_tokens": [t.n_generated for t in traces],
         "calls": [t.calls for t in traces],
         "budget_events": [sum(e.kind in ("budget", "clipped") for e in t.events) for t in traces],
+        # False: cut off by the length or turn bound before an end of sequence
+        "finished": [t.stop_reason in FINISHED for t in traces],
     }
 
 
