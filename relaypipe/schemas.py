@@ -94,8 +94,8 @@ class SFTExampleSchema(pa.DataFrameModel):
     completion: Series[str] = pa.Field(str_length={"min_value": 1})
     # How many commands were inserted (0..max_commands).
     n_commands: Series[int] = pa.Field(ge=0)
-    # Which insertion policy produced the row ("random" or "disagreement").
-    policy: Series[str] = pa.Field(isin=["random", "disagreement"])
+    # Which insertion policy produced the row (relaypipe.train.warmup.POLICIES).
+    policy: Series[str] = pa.Field(isin=["random", "disagreement", "uncertainty"])
 
     class Config:
         strict = True

@@ -1,11 +1,17 @@
 """An upper-bound probe: how much of the gap a *well-placed* caller could recover.
 
 The student decodes greedily; whenever its own top probability falls below ``tau`` it hands the
-next ``k`` tokens to the teacher (no command tokens, no training). If this recovers most of the
+next ``k`` tokens to the teacher (no training). If this recovers most of the
 student->teacher gap at a small teacher share, the student's uncertainty marks its mistakes,
 and what RelayLLM's training has to teach is to call exactly there.
 
+By default the hand-off leaves no trace in the student's context. ``--commands-in-view`` puts
+``<call>k</call>`` before the teacher's tokens in the student's context (the teacher's view
+stays clean), as a RelayLLM student sees its own calls: the difference between the two runs is
+what reading past its own commands costs this student.
+
     .venv/bin/python scripts/confidence_caller.py --tau 0.5 0.7 0.9 --k 1 --n 300
+    .venv/bin/python scripts/confidence_caller.py --tau 0.6 --n 200 --commands-in-view
 
 Prints one JSON line per (tau, k): accuracy, teacher share (teacher tokens / all generated).
 Slow on purpose (no KV cache: every step re-reads the whole prefix); micro models only.
@@ -20,31 +26,43 @@ import torch
 
 from relaypipe.io import read_table
 from relaypipe.models import load_model
+from relaypipe.relay.grammar import format_call
 from relaypipe.schemas import ProblemSchema, frame_to_problems
 from relaypipe.tasks.base import format_prompt
 from relaypipe.tasks.grading import is_correct
 
 
+def _left_padded(prompts, rows, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded batch: the last column is every row's next step."""
+    full = [p + r for p, r in zip(prompts, rows, strict=True)]
+    width = max(map(len, full))
+    ids = torch.full((len(full), width), pad_id)  # [B, L]
+    mask = torch.zeros((len(full), width), dtype=torch.long)  # [B, L]
+    for i, row in enumerate(full):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @torch.inference_mode()
-def run(student, teacher, tok, problems, tau: float, k: int, max_new: int) -> dict:
+def run(
+    student, teacher, tok, problems, tau: float, k: int, max_new: int, commands_in_view: bool
+) -> dict:
     prompts = [tok(format_prompt(p.question), add_special_tokens=False).input_ids for p in problems]
-    gen: list[list[int]] = [[] for _ in problems]
+    gen: list[list[int]] = [[] for _ in problems]  # the transcript (the teacher's view)
+    view: list[list[int]] = [[] for _ in problems]  # the student's view
+    command = tok(format_call(k), add_special_tokens=False).input_ids
     owed, teacher_tokens, done = [0] * len(problems), [0] * len(problems), [False] * len(problems)
     for _ in range(max_new):
-        rows = [p + g for p, g in zip(prompts, gen, strict=True)]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tok.pad_token_id)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: the last column is every row's next step
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        s_prob = student(input_ids=ids, attention_mask=mask).logits[:, -1].softmax(-1)
-        t_next = teacher(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
-        for i in range(len(rows)):
+        s_prob = student(**_left_padded(prompts, view, tok.pad_token_id)).logits[:, -1].softmax(-1)
+        t_next = teacher(**_left_padded(prompts, gen, tok.pad_token_id)).logits[:, -1].argmax(-1)
+        for i in range(len(gen)):
             if done[i]:
                 continue
             if owed[i] == 0 and s_prob[i].max() < tau:
                 owed[i] = k
+                if commands_in_view:
+                    view[i] += command
             if owed[i]:
                 token = int(t_next[i])
                 owed[i] -= 1
@@ -52,6 +70,7 @@ def run(student, teacher, tok, problems, tau: float, k: int, max_new: int) -> di
             else:
                 token = int(s_prob[i].argmax())
             gen[i].append(token)
+            view[i].append(token)
             done[i] = token == tok.eos_token_id
         if all(done):
             break
@@ -60,6 +79,7 @@ def run(student, teacher, tok, problems, tau: float, k: int, max_new: int) -> di
     return {
         "tau": tau,
         "k": k,
+        "commands_in_view": commands_in_view,
         "n": len(problems),
         "accuracy": round(sum(correct) / len(problems), 4),
         "teacher_share": round(sum(teacher_tokens) / sum(map(len, gen)), 4),
@@ -76,6 +96,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[1])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--commands-in-view",
+        action="store_true",
+        help="show the student <call>k</call> before each hand-off, as the relay does",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     problems = frame_to_problems(read_table(args.problems, ProblemSchema))[: args.n]
@@ -83,7 +108,9 @@ def main() -> None:
     teacher, _ = load_model(args.teacher)
     for k in args.k:
         for tau in args.tau:
-            result = run(student, teacher, tok, problems, tau, k, args.max_new_tokens)
+            result = run(
+                student, teacher, tok, problems, tau, k, args.max_new_tokens, args.commands_in_view
+            )
             print(json.dumps(result), flush=True)
 
 

@@ -17,7 +17,12 @@ from relaypipe.relay.grammar import parse_call, strip_calls
 from relaypipe.relay.trace import Source
 from relaypipe.train.rewards import difficulty_aware_reward
 from relaypipe.train.rollout import make_relay_rollout, rollout_fields
-from relaypipe.train.warmup import InsertSpec, build_warmup_example, insert_commands
+from relaypipe.train.warmup import (
+    InsertSpec,
+    build_warmup_example,
+    insert_commands,
+    uncertain_spans,
+)
 from tests.test_decoder import ScriptedBackend
 
 SOLUTION = "7+5=12\n12+9=21\nAnswer: 21"
@@ -57,6 +62,52 @@ def test_disagreement_policy_places_commands_where_models_differ(tokenizer, tiny
         build_warmup_example("1", SOLUTION, tokenizer, spec, random.Random(3))
 
 
+def _teacher_forced_probs(model, tokenizer, prompt, completion):
+    p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    c_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p_ids + c_ids])).logits[0]
+    probs = logits.softmax(-1)
+    return [probs[len(p_ids) + i - 1, t].item() for i, t in enumerate(c_ids)]
+
+
+def test_uncertainty_policy_calls_before_each_unsure_run_asking_for_its_length(
+    tokenizer, tiny_models
+):
+    student, _ = tiny_models
+    probs = _teacher_forced_probs(student, tokenizer, "Q: 7+5+9\nA: ", SOLUTION)
+    threshold = sorted(probs[1:])[len(probs) // 2]  # about half the tokens are "unsure"
+    unsure = [i for i in range(1, len(probs)) if probs[i] < threshold]
+    starts = [i for i in unsure if i - 1 not in unsure]
+    length = {s: next(j for j in range(s, len(probs) + 1) if j not in unsure) - s for s in starts}
+    p_ids = tokenizer("Q: 7+5+9\nA: ", add_special_tokens=False).input_ids
+    c_ids = tokenizer(SOLUTION, add_special_tokens=False).input_ids
+    spans = uncertain_spans(p_ids, c_ids, student, threshold, 100, (1, 2, 4))
+    assert [q for q, _ in spans] == starts
+    assert [n for _, n in spans] == [
+        min(n for n in (1, 2, 4) if n >= length[s]) if length[s] <= 4 else 4 for s in starts
+    ]
+    # capped: the least confident runs are kept, in text order
+    capped = uncertain_spans(p_ids, c_ids, student, threshold, 2, (1, 2, 4))
+    lowest = sorted(starts, key=lambda s: min(probs[s : s + length[s]]))[:2]
+    assert [q for q, _ in capped] == sorted(lowest)
+
+    spec = InsertSpec(policy="uncertainty", max_commands=3, n_values=(1, 2, 4), threshold=threshold)
+    _, completion, ns = build_warmup_example(
+        "7+5+9", SOLUTION, tokenizer, spec, random.Random(0), student
+    )
+    assert strip_calls(completion) == SOLUTION and len(ns) == min(3, len(starts))
+    # a student sure of every token gets no command at all (the count is not drawn at random)
+    sure = InsertSpec(policy="uncertainty", threshold=min(probs[1:]) / 2)
+    assert (
+        build_warmup_example("7+5+9", SOLUTION, tokenizer, sure, random.Random(0), student)[2] == []
+    )
+    with pytest.raises(ValueError, match="needs the student model"):
+        build_warmup_example("1", SOLUTION, tokenizer, spec, random.Random(3))
+    with pytest.raises(ValueError, match="threshold"):
+        InsertSpec(policy="uncertainty", threshold=0.0)
+
+
 def test_rollout_fields_env_mask_covers_exactly_teacher_tokens(tokenizer):
     student = ScriptedBackend(tokenizer, {0: ["12+<call>3</call>", "9=21<eos>"], 1: ["7<eos>"]})
     teacher = ScriptedBackend(tokenizer, {0: ["abc"]})
@@ -69,6 +120,12 @@ def test_rollout_fields_env_mask_covers_exactly_teacher_tokens(tokenizer):
             i for i, s in enumerate(tr.sources) if s == Source.TEACHER
         ]
     assert fields["teacher_tokens"] == [3, 0] and fields["calls"] == [1, 0]
+    assert fields["finished"] == [True, True]  # both ended at the student's EOS
+    long = ScriptedBackend(tokenizer, {0: ["12+9=21<eos>"]})
+    cut = RelayDecoder(long, teacher, tokenizer, RelayConfig(max_new_tokens=4)).decode_text(
+        ["Q: 1\nA: "]
+    )
+    assert rollout_fields(cut, mask_teacher_tokens=True)["finished"] == [False]
     unmasked = rollout_fields(traces, mask_teacher_tokens=False)
     assert all(set(m) == {1} for m in unmasked["env_mask"])
 

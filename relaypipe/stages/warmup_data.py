@@ -3,8 +3,8 @@
 Run: ``python -m relaypipe.stages.warmup_data`` (reads ``params.yaml:warmup_data``) or
 ``dvc repro warmup_data``. Samples the bootstrap student on training problems, keeps its right
 solutions (graded by the shared grader), inserts 0-``max_commands`` ``<call>n</call>`` commands
-(policy ``random``, the paper's, or ``disagreement``), and writes ``data/warmup/sft.parquet``
-(SFTExampleSchema) and ``data/warmup/metrics.json``.
+(policy ``random``, the paper's, ``disagreement`` or ``uncertainty``), and writes
+``data/warmup/sft.parquet`` (SFTExampleSchema) and ``data/warmup/metrics.json``.
 Departs from the reference: commands carry n; the prompt is the one every stage uses
 (``chat_template``: the tokenizer's chat form, as in sft, grpo and evaluation).
 The teacher is loaded only for the ``disagreement`` policy, and must then be in-process

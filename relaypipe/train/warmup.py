@@ -7,6 +7,11 @@ distribution (DESIGN.md §1). Two insertion policies:
 * ``disagreement`` (imitation-style, named as future work in the paper): commands go where the
   teacher's greedy next token differs from the student's, most-confident disagreements first,
   falling back to random positions when there are fewer disagreements than commands.
+* ``uncertainty`` (imitation of a confidence router): a command goes before every run of
+  tokens the student gave less than ``threshold`` probability (teacher-forced on its own
+  text), asking for as many tokens as the run is long (the smallest ``n_values`` that covers
+  it), lowest-confidence runs first, at most ``max_commands``; a confident example gets none.
+  Unlike the other two, the count is not drawn at random: the student learns *where* to call.
 
 Unlike the reference, every command carries its ``n`` (drawn from ``n_values``), and the
 text around a command is left exactly as the student wrote it.
@@ -24,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from relaypipe.relay.grammar import format_call
 from relaypipe.tasks.base import format_prompt
 
-POLICIES = ("random", "disagreement")
+POLICIES = ("random", "disagreement", "uncertainty")
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,15 @@ class InsertSpec:
     max_commands: int = 3  # commands per example: uniform in 0..max_commands
     n_values: tuple[int, ...] = (2, 4, 8)  # n of each inserted command, drawn uniformly
     seed: int = 0
+    threshold: float = 0.6  # uncertainty: call before tokens the student gives less than this
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.max_commands < 0 or not self.n_values or min(self.n_values) < 1:
             raise ValueError("max_commands must be >= 0 and n_values non-empty positive integers")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
 
 
 def insert_commands(
@@ -89,6 +97,39 @@ def disagreement_positions(
     return sorted(ranked[:count].tolist())
 
 
+@torch.inference_mode()
+def uncertain_spans(
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    student: PreTrainedModel,
+    threshold: float,
+    count: int,
+    n_values: Sequence[int],
+) -> list[tuple[int, int]]:
+    """(position, n) for each run of completion tokens the student, teacher-forced on this
+    text, gave less than ``threshold`` probability; n is the smallest of ``n_values`` that
+    covers the run (the largest when none does). Least confident runs first, at most
+    ``count``, returned in text order. Position 0 is never flagged, as in the other policies."""
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    p = len(prompt_ids)
+    probs = student(input_ids=ids).logits[0, p - 1 : -1].float().softmax(-1)
+    chosen = probs.gather(-1, torch.tensor(list(completion_ids))[:, None])[:, 0].tolist()
+    runs: list[tuple[float, int, int]] = []  # (lowest probability, start, length)
+    for i in range(1, len(completion_ids)):
+        if chosen[i] >= threshold:
+            continue
+        if runs and runs[-1][1] + runs[-1][2] == i:
+            low, start, length = runs[-1]
+            runs[-1] = (min(low, chosen[i]), start, length + 1)
+        else:
+            runs.append((chosen[i], i, 1))
+    ranked = sorted(runs)[:count]
+    sizes = sorted(n_values)
+    return sorted(
+        (start, next((n for n in sizes if n >= length), sizes[-1])) for _, start, length in ranked
+    )
+
+
 def build_warmup_example(
     question: str,
     completion: str,
@@ -107,6 +148,16 @@ def build_warmup_example(
     """
     prompt = format_prompt(question, tokenizer, chat_template=chat_template)
     comp_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    if spec.policy == "uncertainty":
+        if student is None:
+            raise ValueError("the uncertainty policy needs the student model")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        spans = uncertain_spans(
+            prompt_ids, comp_ids, student, spec.threshold, spec.max_commands, spec.n_values
+        )
+        ns = [n for _, n in spans]
+        with_calls = insert_commands(comp_ids, [q for q, _ in spans], ns, tokenizer)
+        return prompt, tokenizer.decode(with_calls), ns
     count = rng.randint(0, spec.max_commands)
     if spec.policy == "disagreement" and count:
         if student is None or teacher is None:
