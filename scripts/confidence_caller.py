@@ -12,6 +12,11 @@ what reading past its own commands costs this student.
 
     .venv/bin/python scripts/confidence_caller.py --tau 0.5 0.7 0.9 --k 1 --n 300
     .venv/bin/python scripts/confidence_caller.py --tau 0.6 --n 200 --commands-in-view
+    .venv/bin/python scripts/confidence_caller.py --tau 0.6 --n 200 --commands-in-view \
+        --commands-take-no-position
+
+``--commands-take-no-position`` gives command tokens the position of the next text token (RoPE
+position ids that skip them), so the text keeps its offsets: does position alone explain the cost?
 
 Prints one JSON line per (tau, k): accuracy, teacher share (teacher tokens / all generated).
 Slow on purpose (no KV cache: every step re-reads the whole prefix); micro models only.
@@ -32,8 +37,23 @@ from relaypipe.tasks.base import format_prompt
 from relaypipe.tasks.grading import is_correct
 
 
-def _left_padded(prompts, rows, pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded batch: the last column is every row's next step."""
+def _skip_command_positions(row: list[int], open_id: int, close_id: int) -> list[int]:
+    """Position ids that do not advance inside ``<call>...</call>``."""
+    out, pos, inside = [], 0, False
+    for t in row:
+        inside = inside or t == open_id
+        out.append(pos)
+        if not inside:
+            pos += 1
+        inside = inside and t != close_id
+    return out
+
+
+def _left_padded(
+    prompts, rows, pad_id: int, skip: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Left-padded batch: the last column is every row's next step. ``skip``: the command's
+    (open, close) ids, whose span then takes no positions."""
     full = [p + r for p, r in zip(prompts, rows, strict=True)]
     width = max(map(len, full))
     ids = torch.full((len(full), width), pad_id)  # [B, L]
@@ -41,12 +61,26 @@ def _left_padded(prompts, rows, pad_id: int) -> dict[str, torch.Tensor]:
     for i, row in enumerate(full):
         ids[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if skip is not None:
+        positions = torch.zeros((len(full), width), dtype=torch.long)  # [B, L]
+        for i, row in enumerate(full):
+            positions[i, width - len(row) :] = torch.tensor(_skip_command_positions(row, *skip))
+        batch["position_ids"] = positions
+    return batch
 
 
 @torch.inference_mode()
 def run(
-    student, teacher, tok, problems, tau: float, k: int, max_new: int, commands_in_view: bool
+    student,
+    teacher,
+    tok,
+    problems,
+    tau: float,
+    k: int,
+    max_new: int,
+    commands_in_view: bool,
+    no_position: bool = False,
 ) -> dict:
     prompts = [tok(format_prompt(p.question), add_special_tokens=False).input_ids for p in problems]
     gen: list[list[int]] = [[] for _ in problems]  # the transcript (the teacher's view)
@@ -54,7 +88,9 @@ def run(
     command = tok(format_call(k), add_special_tokens=False).input_ids
     owed, teacher_tokens, done = [0] * len(problems), [0] * len(problems), [False] * len(problems)
     for _ in range(max_new):
-        s_prob = student(**_left_padded(prompts, view, tok.pad_token_id)).logits[:, -1].softmax(-1)
+        skip = (command[0], command[-1]) if no_position else None
+        s_batch = _left_padded(prompts, view, tok.pad_token_id, skip)
+        s_prob = student(**s_batch).logits[:, -1].softmax(-1)
         t_next = teacher(**_left_padded(prompts, gen, tok.pad_token_id)).logits[:, -1].argmax(-1)
         for i in range(len(gen)):
             if done[i]:
@@ -80,6 +116,7 @@ def run(
         "tau": tau,
         "k": k,
         "commands_in_view": commands_in_view,
+        "commands_take_no_position": no_position,
         "n": len(problems),
         "accuracy": round(sum(correct) / len(problems), 4),
         "teacher_share": round(sum(teacher_tokens) / sum(map(len, gen)), 4),
@@ -101,6 +138,11 @@ def main() -> None:
         action="store_true",
         help="show the student <call>k</call> before each hand-off, as the relay does",
     )
+    ap.add_argument(
+        "--commands-take-no-position",
+        action="store_true",
+        help="with --commands-in-view: position ids that skip the command tokens",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     problems = frame_to_problems(read_table(args.problems, ProblemSchema))[: args.n]
@@ -109,7 +151,15 @@ def main() -> None:
     for k in args.k:
         for tau in args.tau:
             result = run(
-                student, teacher, tok, problems, tau, k, args.max_new_tokens, args.commands_in_view
+                student,
+                teacher,
+                tok,
+                problems,
+                tau,
+                k,
+                args.max_new_tokens,
+                args.commands_in_view,
+                args.commands_take_no_position,
             )
             print(json.dumps(result), flush=True)
 
