@@ -1,7 +1,7 @@
 """Warm-up data (stage 1): the student's own right answers with call commands inserted.
 
 Training on its own text teaches the command's syntax without shifting the student's
-distribution (DESIGN.md §1). Two insertion policies:
+distribution (DESIGN.md §1). Three insertion policies:
 
 * ``random`` (the paper's): 0-3 commands (uniform count) at random token positions.
 * ``disagreement`` (imitation-style, named as future work in the paper): commands go where the
@@ -13,8 +13,9 @@ distribution (DESIGN.md §1). Two insertion policies:
   it), lowest-confidence runs first, at most ``max_commands``; a confident example gets none.
   Unlike the other two, the count is not drawn at random: the student learns *where* to call.
 
-Unlike the reference, every command carries its ``n`` (drawn from ``n_values``), and the
-text around a command is left exactly as the student wrote it.
+Unlike the reference, every command carries its ``n`` (from ``n_values``: drawn at random, or
+fitted to the run by ``uncertainty``), and the text around a command is left exactly as the
+student wrote it.
 """
 
 from __future__ import annotations
