@@ -76,6 +76,15 @@ def random_positions(length: int, count: int, rng: random.Random) -> list[int]:
     return sorted(rng.sample(slots, min(count, len(slots))))
 
 
+def completion_logits(
+    model: PreTrainedModel, prompt_ids: Sequence[int], completion_ids: Sequence[int]
+) -> torch.Tensor:
+    """[T, V] logits, teacher-forced: row i predicts completion token i."""
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    # logits at position j predict token j+1: completion token i is predicted at p + i - 1
+    return model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+
+
 @torch.inference_mode()
 def disagreement_positions(
     prompt_ids: Sequence[int],
@@ -86,11 +95,8 @@ def disagreement_positions(
 ) -> list[int]:
     """Indices where the teacher's greedy next token differs from the student's, ordered by
     the teacher's confidence in its own choice; at most ``count``."""
-    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
-    p = len(prompt_ids)
-    # logits at position j predict token j+1: completion token i is predicted at p + i - 1
-    s_pred = student(input_ids=ids).logits[0, p - 1 : -1].argmax(-1)
-    t_logits = teacher(input_ids=ids).logits[0, p - 1 : -1]
+    s_pred = completion_logits(student, prompt_ids, completion_ids).argmax(-1)
+    t_logits = completion_logits(teacher, prompt_ids, completion_ids)
     t_conf, t_pred = t_logits.softmax(-1).max(-1)
     idx = torch.nonzero(s_pred != t_pred, as_tuple=True)[0]
     idx = idx[(idx > 0) & (idx < len(completion_ids))]
@@ -111,9 +117,7 @@ def uncertain_spans(
     text, gave less than ``threshold`` probability; n is the smallest of ``n_values`` that
     covers the run (the largest when none does). Least confident runs first, at most
     ``count``, returned in text order. Position 0 is never flagged, as in the other policies."""
-    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
-    p = len(prompt_ids)
-    probs = student(input_ids=ids).logits[0, p - 1 : -1].float().softmax(-1)
+    probs = completion_logits(student, prompt_ids, completion_ids).float().softmax(-1)
     chosen = probs.gather(-1, torch.tensor(list(completion_ids))[:, None])[:, 0].tolist()
     runs: list[tuple[float, int, int]] = []  # (lowest probability, start, length)
     for i in range(1, len(completion_ids)):
@@ -156,20 +160,19 @@ def build_warmup_example(
         spans = uncertain_spans(
             prompt_ids, comp_ids, student, spec.threshold, spec.max_commands, spec.n_values
         )
-        ns = [n for _, n in spans]
-        with_calls = insert_commands(comp_ids, [q for q, _ in spans], ns, tokenizer)
-        return prompt, tokenizer.decode(with_calls), ns
-    count = rng.randint(0, spec.max_commands)
-    if spec.policy == "disagreement" and count:
-        if student is None or teacher is None:
-            raise ValueError("the disagreement policy needs the student and the teacher models")
-        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        positions = disagreement_positions(prompt_ids, comp_ids, student, teacher, count)
-        taken = set(positions)
-        extra = [q for q in random_positions(len(comp_ids), count, rng) if q not in taken]
-        positions = sorted(positions + extra[: count - len(positions)])
+        positions, ns = [q for q, _ in spans], [n for _, n in spans]
     else:
-        positions = random_positions(len(comp_ids), count, rng)
-    ns = [rng.choice(spec.n_values) for _ in positions]
+        count = rng.randint(0, spec.max_commands)
+        if spec.policy == "disagreement" and count:
+            if student is None or teacher is None:
+                raise ValueError("the disagreement policy needs the student and the teacher models")
+            prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            positions = disagreement_positions(prompt_ids, comp_ids, student, teacher, count)
+            taken = set(positions)
+            extra = [q for q in random_positions(len(comp_ids), count, rng) if q not in taken]
+            positions = sorted(positions + extra[: count - len(positions)])
+        else:
+            positions = random_positions(len(comp_ids), count, rng)
+        ns = [rng.choice(spec.n_values) for _ in positions]
     with_calls = insert_commands(comp_ids, positions, ns, tokenizer)
     return prompt, tokenizer.decode(with_calls), ns
