@@ -1,4 +1,5 @@
-"""The micro trainer's loss-masked context commands (``TrainSpec.command_context``)."""
+"""The micro trainer: loss-masked context commands (``TrainSpec.command_context``) and withheld
+problems (``TrainSpec.withhold``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import re
 import pytest
 
 from relaypipe.micro.tokenizer import build_char_tokenizer
-from relaypipe.micro.train_lm import IGNORE, TrainSpec, add_context_commands, collate
+from relaypipe.micro.train_lm import (
+    IGNORE,
+    TrainSpec,
+    add_context_commands,
+    collate,
+    withhold_problems,
+)
 from relaypipe.relay.grammar import strip_calls
 from relaypipe.tasks.arith import ArithSpec, generate
 
@@ -57,3 +64,20 @@ def test_fraction_zero_changes_nothing_and_collate_ignores_masked_positions():
 def test_bad_command_context_settings_are_refused(bad):
     with pytest.raises(ValueError):
         TrainSpec(steps=1, **bad)
+
+
+def test_withhold_leaves_out_exactly_the_matching_problems():
+    problems = generate(ArithSpec(difficulty=1, terms=4), 200, seed=5, split="t")
+    kept = withhold_problems(problems, r"\+7=")
+    assert kept and len(kept) < len(problems)
+    assert all("+7=" not in p.solution for p in kept)
+    assert [p for p in problems if "+7=" not in p.solution] == kept  # order kept, none lost
+    assert withhold_problems(problems, None) is problems
+
+
+def test_withhold_refuses_a_bad_pattern_and_one_that_leaves_nothing():
+    with pytest.raises(ValueError, match="regular expression"):
+        TrainSpec(steps=1, withhold="(+7")
+    problems = generate(ArithSpec(difficulty=1, terms=4), 20, seed=5, split="t")
+    with pytest.raises(ValueError, match="leaves no training problem"):
+        withhold_problems(problems, r"Answer")

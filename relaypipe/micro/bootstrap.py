@@ -49,6 +49,7 @@ def bootstrap_pair(
         metrics[f"{role}_params"] = count_parameters(model)
         metrics[f"{role}_train_seconds"] = round(result["seconds"], 1)
         metrics[f"{role}_final_loss"] = round(result["loss"], 5)
+        metrics[f"{role}_train_problems"] = result["problems"]
         with atomic_path(out_dir / role, directory=True) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)

@@ -11,6 +11,12 @@ shrugs off an unfamiliar tag in its context; a 90k-parameter model trained only 
 solutions does not (measured: warm-up SFT on the student's own right answers with commands
 halved its teacher-free accuracy, 0.69 -> 0.37), because every command shifts the positions it
 copies operands by. With ``command_context`` 0.5 the same warm-up leaves it unchanged.
+
+``withhold`` gives a model a *knowledge gap*: training problems whose worked solution matches
+the regular expression are left out, so the model never sees those steps. A student trained to
+convergence this way copies and reads past commands reliably, yet cannot do the withheld steps:
+its mistakes sit on known tokens (a step that adds 7, say) that the teacher gets right, which is
+the situation RelayLLM is for, and one in which where the student calls can be checked.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -42,8 +49,14 @@ class TrainSpec:
     seed: int = 0
     command_context: float = 0.0  # share of examples with loss-masked commands inserted
     command_n_values: tuple[int, ...] = (1, 2, 4)  # their n
+    withhold: str | None = None  # regex: leave out problems whose solution matches it
 
     def __post_init__(self) -> None:
+        if self.withhold is not None:
+            try:
+                re.compile(self.withhold)
+            except re.error as exc:
+                raise ValueError(f"withhold is not a regular expression: {exc}") from None
         if not 0.0 <= self.command_context <= 1.0:
             raise ValueError(f"command_context must be in [0, 1], got {self.command_context}")
         if not self.command_n_values or min(self.command_n_values) < 1:
@@ -65,6 +78,18 @@ def encode_examples(
         completion = tokenizer(p.solution, add_special_tokens=False).input_ids
         out.append((prompt + completion + [tokenizer.eos_token_id], len(prompt)))
     return out
+
+
+def withhold_problems(problems: list[Problem], pattern: str | None) -> list[Problem]:
+    """The problems whose worked solution does not match ``pattern`` (all of them if None)."""
+    if pattern is None:
+        return problems
+    regex = re.compile(pattern)
+    kept = [p for p in problems if not regex.search(p.solution)]
+    if not kept:
+        raise ValueError(f"withhold {pattern!r} leaves no training problem")
+    log.info("withhold %r: training on %d of %d problems", pattern, len(kept), len(problems))
+    return kept
 
 
 def add_context_commands(
@@ -120,12 +145,14 @@ def train_causal_lm(
     desc: str = "train",
     *,
     chat_template: bool = False,
-) -> dict[str, float]:
-    """Train ``model`` in place; returns the final smoothed loss and the wall time.
+) -> dict[str, float | int]:
+    """Train ``model`` in place; returns the final smoothed loss, the wall time and the number
+    of problems trained on.
 
     Also fine-tunes a pretrained model on the task (the ``pretrained`` bootstrap), with
     ``chat_template`` framing the prompts as every later stage will.
     """
+    problems = withhold_problems(problems, spec.withhold)
     examples = add_context_commands(
         encode_examples(problems, tokenizer, chat_template=chat_template),
         tokenizer,
@@ -167,4 +194,4 @@ def train_causal_lm(
     model.eval()
     seconds = time.perf_counter() - start
     log.info("%s: %d steps, loss %.4f, %.1f s", desc, spec.steps, smoothed, seconds)
-    return {"loss": smoothed, "seconds": seconds}
+    return {"loss": smoothed, "seconds": seconds, "problems": len(problems)}
