@@ -1,4 +1,4 @@
-"""An upper-bound probe: how much of the gap a *well-placed* caller could recover.
+r"""An upper-bound probe: how much of the gap a *well-placed* caller could recover.
 
 The student decodes greedily; whenever its own top probability falls below ``tau`` it hands the
 next ``k`` tokens to the teacher (no training). If this recovers most of the
@@ -15,6 +15,11 @@ what reading past its own commands costs this student.
     .venv/bin/python scripts/confidence_caller.py --tau 0.6 --n 200 --commands-in-view \
         --commands-take-no-position
 
+``--oracle REGEX`` replaces the student's uncertainty by knowledge of where it is wrong: it calls
+wherever a match of REGEX starts in the reference solution, as long as the answer so far follows
+that solution (e.g. ``(?<=\+)[78]=`` for the default student, which never saw a step adding 7
+or 8). ``--tau`` is then ignored.
+
 ``--commands-take-no-position`` gives command tokens the position of the next text token (RoPE
 position ids that skip them), so the text keeps its offsets: does position alone explain the cost?
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import torch
 
@@ -76,12 +82,17 @@ def run(
     teacher,
     tok,
     problems,
-    tau: float,
+    tau: float | None,
     k: int,
     max_new: int,
     commands_in_view: bool,
     no_position: bool = False,
+    oracle: re.Pattern[str] | None = None,
 ) -> dict:
+    # With an oracle: the character offsets where a hard span starts in each reference solution.
+    hard_starts = [
+        {m.start() for m in oracle.finditer(p.solution)} if oracle else set() for p in problems
+    ]
     prompts = [tok(format_prompt(p.question), add_special_tokens=False).input_ids for p in problems]
     gen: list[list[int]] = [[] for _ in problems]  # the transcript (the teacher's view)
     view: list[list[int]] = [[] for _ in problems]  # the student's view
@@ -95,7 +106,12 @@ def run(
         for i in range(len(gen)):
             if done[i]:
                 continue
-            if owed[i] == 0 and s_prob[i].max() < tau:
+            if oracle is not None:
+                written = tok.decode(gen[i], skip_special_tokens=True)
+                stuck = len(written) in hard_starts[i] and problems[i].solution.startswith(written)
+            else:
+                stuck = bool(s_prob[i].max() < tau)
+            if owed[i] == 0 and stuck:
                 owed[i] = k
                 if commands_in_view:
                     view[i] += command
@@ -113,7 +129,8 @@ def run(
     texts = [tok.decode(g, skip_special_tokens=True) for g in gen]
     correct = [is_correct(t, p.answer) for t, p in zip(texts, problems, strict=True)]
     return {
-        "tau": tau,
+        "tau": None if oracle else tau,
+        "oracle": oracle.pattern if oracle else None,
         "k": k,
         "commands_in_view": commands_in_view,
         "commands_take_no_position": no_position,
@@ -139,6 +156,11 @@ def main() -> None:
         help="show the student <call>k</call> before each hand-off, as the relay does",
     )
     ap.add_argument(
+        "--oracle",
+        metavar="REGEX",
+        help="call where REGEX matches the reference solution instead of when unsure",
+    )
+    ap.add_argument(
         "--commands-take-no-position",
         action="store_true",
         help="with --commands-in-view: position ids that skip the command tokens",
@@ -148,8 +170,9 @@ def main() -> None:
     problems = frame_to_problems(read_table(args.problems, ProblemSchema))[: args.n]
     student, tok = load_model(args.student)
     teacher, _ = load_model(args.teacher)
+    oracle = re.compile(args.oracle) if args.oracle else None
     for k in args.k:
-        for tau in args.tau:
+        for tau in [None] if oracle else args.tau:
             result = run(
                 student,
                 teacher,
@@ -160,6 +183,7 @@ def main() -> None:
                 args.max_new_tokens,
                 args.commands_in_view,
                 args.commands_take_no_position,
+                oracle,
             )
             print(json.dumps(result), flush=True)
 
