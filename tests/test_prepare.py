@@ -79,3 +79,31 @@ def test_bad_benchmark_specs_fail_clearly(tmp_path):
     )
     with pytest.raises(ValueError, match="too few distinct questions"):
         run(tiny)
+
+
+def test_a_list_of_term_counts_mixes_lengths_reproducibly_and_one_count_changes_nothing(tmp_path):
+    mixed = PrepareParams(n_train=300, n_eval=60, terms=[4, 6, 8], out_dir=str(tmp_path / "a"))
+    run(mixed)
+    train = pd.read_parquet(tmp_path / "a" / "train.parquet")
+    evaluation = pd.read_parquet(tmp_path / "a" / "eval.parquet")
+    for table in (train, evaluation):
+        counts = table.question.str.count(r"\+") + 1
+        assert set(counts) == {4, 6, 8}  # every length occurs, no other
+    assert not set(train.question) & set(evaluation.question)
+    run(PrepareParams(n_train=300, n_eval=60, terms=[4, 6, 8], out_dir=str(tmp_path / "b")))
+    for name in ("train", "eval"):  # seeded: a second run writes the same bytes
+        assert (tmp_path / "a" / f"{name}.parquet").read_bytes() == (
+            tmp_path / "b" / f"{name}.parquet"
+        ).read_bytes()
+    run(PrepareParams(n_train=50, n_eval=10, terms=6, out_dir=str(tmp_path / "int")))
+    run(PrepareParams(n_train=50, n_eval=10, terms=[6], out_dir=str(tmp_path / "list")))
+    for name in ("train", "eval"):  # a one-count list is the plain count
+        assert (tmp_path / "int" / f"{name}.parquet").read_bytes() == (
+            tmp_path / "list" / f"{name}.parquet"
+        ).read_bytes()
+
+
+@pytest.mark.parametrize("terms", [[], [4, 9], 1])
+def test_bad_term_counts_are_refused(terms):
+    with pytest.raises(ValueError):
+        PrepareParams(terms=terms)

@@ -4,6 +4,9 @@ Run: ``python -m relaypipe.stages.prepare`` (reads ``params.yaml:prepare``), ``d
 Writes ``data/problems/train.parquet``, ``data/problems/eval.parquet`` and one
 ``data/problems/benchmarks/<name>.parquet`` per entry of ``benchmarks`` (all ProblemSchema).
 Eval questions never occur in train: colliding train draws are skipped and replaced.
+``terms`` is one operand count or a list of them: with a list, every train and eval problem
+draws its count from the list (seeded by its index), so both models learn every length the
+benchmarks ask about.
 
 Benchmarks (split ``benchmark``) are what the ``evaluate`` stage reports; ``eval`` stays the
 model-selection split of training. Each entry is either
@@ -23,6 +26,7 @@ arith redraws until it has ``n``. Not in the paper, which evaluates on public ma
 from __future__ import annotations
 
 import logging
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +34,7 @@ from pathlib import Path
 from relaypipe.io import write_table
 from relaypipe.schemas import ProblemSchema, problems_to_frame
 from relaypipe.stages.common import stage_params
-from relaypipe.tasks.arith import ArithSpec, generate, make_problem
+from relaypipe.tasks.arith import ArithSpec, make_problem
 from relaypipe.tasks.base import Problem
 from relaypipe.tasks.dataset import DatasetSpec, load_problems
 
@@ -86,7 +90,7 @@ class BenchmarkSpec:
 class PrepareParams:
     seed: int = 0
     difficulty: int = 1  # digits per operand of the micro task
-    terms: int = 6  # operands per problem
+    terms: int | list[int] = 6  # operands per problem, or the counts to draw from per problem
     n_train: int = 20000
     n_eval: int = 500
     benchmarks: list[BenchmarkSpec] = field(default_factory=list)
@@ -95,9 +99,28 @@ class PrepareParams:
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_eval < 1:
             raise ValueError("n_train and n_eval must be >= 1")
+        if isinstance(self.terms, list) and not self.terms:
+            raise ValueError("terms must be a count or a non-empty list of counts")
+        for terms in self.term_counts:
+            ArithSpec(difficulty=self.difficulty, terms=terms)  # validates the knobs
         names = [b.name for b in self.benchmarks]
         if len(set(names)) != len(names):
             raise ValueError(f"benchmark names must be unique, got {names}")
+
+    @property
+    def term_counts(self) -> list[int]:
+        return self.terms if isinstance(self.terms, list) else [self.terms]
+
+    def problem(self, split: str, index: int) -> Problem:
+        """Problem ``index`` of ``split`` (train or eval), with its own operand count."""
+        counts = self.term_counts
+        # Its own string-seeded stream: the count never depends on other problems' draws.
+        terms = (
+            counts[0]
+            if len(counts) == 1
+            else random.Random(f"{self.seed}/{split}/terms/{index}").choice(counts)
+        )
+        return make_problem(ArithSpec(self.difficulty, terms), self.seed, split, index)
 
 
 def arith_benchmark(spec: BenchmarkSpec, seed: int, seen: set[str]) -> list[Problem]:
@@ -137,12 +160,11 @@ def dataset_benchmark(spec: BenchmarkSpec, seen: set[str]) -> list[Problem]:
 
 
 def run(params: PrepareParams) -> dict[str, int]:
-    spec = ArithSpec(difficulty=params.difficulty, terms=params.terms)
-    evaluation = generate(spec, params.n_eval, params.seed, "eval")
+    evaluation = [params.problem("eval", i) for i in range(params.n_eval)]
     held_out = {p.question for p in evaluation}
     train, index = [], 0
     while len(train) < params.n_train:
-        p = make_problem(spec, params.seed, "train", index)
+        p = params.problem("train", index)
         index += 1
         if p.question not in held_out:
             train.append(p)
