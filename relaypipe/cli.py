@@ -85,7 +85,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     for prompt, trace in zip(prompts, decoder.decode_text(prompts), strict=True):
         if args.json:
             row = dataclasses.asdict(trace)
-            row["text"] = tok.decode(trace.token_ids, skip_special_tokens=True)
+            from relaypipe.tasks.grading import reader_text
+
+            row["text"] = reader_text(tok, trace.token_ids)
             print(json.dumps(row))
         else:
             print(prompt + render_trace(trace, tok, colour=colour))

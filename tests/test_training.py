@@ -112,7 +112,7 @@ def test_rollout_fields_env_mask_covers_exactly_teacher_tokens(tokenizer):
     student = ScriptedBackend(tokenizer, {0: ["12+<call>3</call>", "9=21<eos>"], 1: ["7<eos>"]})
     teacher = ScriptedBackend(tokenizer, {0: ["abc"]})
     traces = RelayDecoder(student, teacher, tokenizer).decode_text(["Q: 1\nA: ", "Q: 2\nA: "])
-    fields = rollout_fields(traces, mask_teacher_tokens=True)
+    fields = rollout_fields(traces, tokenizer, mask_teacher_tokens=True)
     assert len(fields["completion_ids"]) == 2
     for ids, mask, tr in zip(fields["completion_ids"], fields["env_mask"], traces, strict=True):
         assert len(ids) == len(mask)
@@ -125,8 +125,8 @@ def test_rollout_fields_env_mask_covers_exactly_teacher_tokens(tokenizer):
     cut = RelayDecoder(long, teacher, tokenizer, RelayConfig(max_new_tokens=4)).decode_text(
         ["Q: 1\nA: "]
     )
-    assert rollout_fields(cut, mask_teacher_tokens=True)["finished"] == [False]
-    unmasked = rollout_fields(traces, mask_teacher_tokens=False)
+    assert rollout_fields(cut, tokenizer, mask_teacher_tokens=True)["finished"] == [False]
+    unmasked = rollout_fields(traces, tokenizer, mask_teacher_tokens=False)
     assert all(set(m) == {1} for m in unmasked["env_mask"])
 
 

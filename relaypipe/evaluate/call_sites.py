@@ -14,14 +14,18 @@ import re
 
 from transformers import PreTrainedTokenizerBase
 
+from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN, command_mask
 from relaypipe.relay.trace import RelayTrace, Source
 
 
 def teacher_view_chars(trace: RelayTrace, tok: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
-    """The teacher-view answer text and, per character, the Source of the token it came from."""
+    """The answer text as the reader sees it (no command, even one the decoder did not mark)
+    and, per character, the Source of the token it came from."""
+    open_id, close_id = tok.convert_tokens_to_ids([CALL_OPEN, CALL_CLOSE])
+    in_command = command_mask(trace.token_ids, open_id, close_id)
     text, owners = [], []
-    for token, source in zip(trace.token_ids, trace.sources, strict=True):
-        if source == Source.COMMAND:
+    for token, source, command in zip(trace.token_ids, trace.sources, in_command, strict=True):
+        if command or source == Source.COMMAND:
             continue
         piece = tok.decode([token], skip_special_tokens=True)
         text.append(piece)

@@ -15,14 +15,14 @@ from tqdm.auto import tqdm
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.trace import RelayTrace
 from relaypipe.tasks.base import Problem, format_prompt
-from relaypipe.tasks.grading import is_correct
+from relaypipe.tasks.grading import is_correct, reader_text
 
 
 @dataclass
 class Graded:
     problem: Problem
     trace: RelayTrace
-    completion: str  # generated text, student view, special tokens dropped
+    completion: str  # generated text as the reader sees it: commands and special tokens dropped
     correct: bool
 
 
@@ -53,7 +53,7 @@ def decode_problems(
             for p in chunk
         ]
         for p, tr in zip(chunk, decoder.decode(prompts, config, first_id=start), strict=True):
-            text = tok.decode(tr.token_ids, skip_special_tokens=True)
+            text = reader_text(tok, tr.token_ids)
             out.append(Graded(p, tr, text, is_correct(text, p.answer)))
         bar.update(len(chunk))
     bar.close()

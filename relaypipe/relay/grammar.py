@@ -1,9 +1,12 @@
 """The call command: ``<call>n</call>`` asks the teacher for ``n`` tokens.
 
-Three operations, all on text: :func:`format_call` writes a command, :func:`parse_call_body`
+Three operations on text: :func:`format_call` writes a command, :func:`parse_call_body`
 reads the ``n`` between the tags (strictly: a malformed or absurd body raises
 :class:`MalformedCall` with the reason), and :func:`strip_calls` removes every command, well
 formed or not, so the teacher never sees one. ``n == 0`` is a valid command meaning "no call".
+:func:`drop_command_ids` does the same on token ids, for tokenizers that hold the tags as
+single tokens: decoding with ``skip_special_tokens`` drops the tags but keeps the body, so
+``Answer: <call>2</call>12`` would read ``Answer: 212``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ MAX_CALL_DIGITS = 6
 _BODY = re.compile(r"\s*(\d+)\s*")
 # Non-greedy: a nested "<call>3<call>2</call>" is removed whole up to its first close tag.
 _COMMAND = re.compile(re.escape(CALL_OPEN) + r".*?" + re.escape(CALL_CLOSE), re.DOTALL)
+# An open tag never closed: the rest of the text is its body (as in drop_command_ids).
+_UNTERMINATED = re.compile(re.escape(CALL_OPEN) + r".*\Z", re.DOTALL)
 _STRAY_TAG = re.compile(re.escape(CALL_OPEN) + "|" + re.escape(CALL_CLOSE))
 
 
@@ -69,9 +74,39 @@ def parse_call(text: str) -> int:
 
 
 def strip_calls(text: str) -> str:
-    """``text`` with every call command, and any stray tag, removed: the teacher's view.
+    """``text`` with every call command, an unterminated one through the end, and any stray
+    close tag removed: the teacher's view, and the text a reader sees.
 
     >>> strip_calls("12+7=<call>4</call>19")
     '12+7=19'
+    >>> strip_calls("Answer: 8<call>3")
+    'Answer: 8'
     """
-    return _STRAY_TAG.sub("", _COMMAND.sub("", text))
+    return _STRAY_TAG.sub("", _UNTERMINATED.sub("", _COMMAND.sub("", text)))
+
+
+def command_mask(ids: list[int], open_id: int, close_id: int) -> list[bool]:
+    """[T] True where a token belongs to a command: from an open tag through its close tag, an
+    unterminated open tag through the end, and any stray close tag.
+
+    >>> command_mask([5, 1, 7, 2, 6, 2, 9, 1, 8], open_id=1, close_id=2)
+    [False, True, True, True, False, True, False, True, True]
+    """
+    mask: list[bool] = []
+    inside = False
+    for token in ids:
+        if token == open_id:
+            inside = True
+        mask.append(inside or token == close_id)
+        if token == close_id:
+            inside = False
+    return mask
+
+
+def drop_command_ids(ids: list[int], open_id: int, close_id: int) -> list[int]:
+    """``ids`` without the tokens :func:`command_mask` marks.
+
+    >>> drop_command_ids([5, 1, 7, 2, 6, 1, 9], open_id=1, close_id=2)
+    [5, 6]
+    """
+    return [t for t, cmd in zip(ids, command_mask(ids, open_id, close_id), strict=True) if not cmd]

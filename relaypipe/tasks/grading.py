@@ -11,6 +11,12 @@ own ``Answer: 42`` line (``ANSWER_PREFIX``). Comparison goes through ``math-veri
 ``\\frac{1}{2}`` matches ``0.5`` and ``(x+1)^2`` matches ``x^2+2x+1``; plain numbers take an exact
 fast path.
 
+Commands are never part of an answer. Every grading entry point reads the completion as its
+reader sees it, with call commands removed: :func:`is_correct` strips textual commands, and
+:func:`reader_text` turns token ids into that text (dropping command spans by id first, since
+decoding with ``skip_special_tokens`` drops the tags but keeps the body: ``Answer:
+<call>2</call>12`` would otherwise grade as ``212``).
+
 Thread safety: math-verify guards parsing and comparison with ``signal.alarm`` timeouts, which
 raise ``ValueError`` outside the main thread (Prefect runs tasks in worker threads) and, on the
 main thread, cancel any SIGALRM timer the host process set. We switch them off everywhere
@@ -25,15 +31,18 @@ import inspect
 import logging
 import math
 import re
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from math_verify import parse, verify
 from sympy import Basic
 from sympy.matrices import MatrixBase
 
+from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN, drop_command_ids, strip_calls
 from relaypipe.tasks.base import ANSWER_PREFIX
 
-__all__ = ["answers_match", "extract_answer", "is_correct", "normalize_answer"]
+__all__ = ["answers_match", "extract_answer", "is_correct", "normalize_answer", "reader_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +267,21 @@ def answers_match(predicted: str | None, reference: str) -> bool:
         return False
 
 
+def reader_text(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    """Generated token ids as the reader sees them: call commands (tags and body, closed or
+    not) removed, other special tokens (EOS, chat markers) dropped. The text to grade and show.
+    """
+    open_id, close_id = tokenizer.convert_tokens_to_ids([CALL_OPEN, CALL_CLOSE])
+    kept = drop_command_ids(list(token_ids), open_id, close_id)
+    # A tokenizer without the tags as single tokens spells them as text: strip those too.
+    return strip_calls(tokenizer.decode(kept, skip_special_tokens=True))
+
+
 def is_correct(completion: str, reference_answer: str) -> bool:
-    """Whether a completion's final answer matches the reference answer."""
-    return answers_match(extract_answer(completion), reference_answer)
+    """Whether a completion's final answer matches the reference answer; call commands in the
+    completion's text are not part of it.
+
+    >>> is_correct("3+9=12\\nAnswer: <call>2</call>12", "12")
+    True
+    """
+    return answers_match(extract_answer(strip_calls(completion)), reference_answer)

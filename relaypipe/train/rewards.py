@@ -1,7 +1,9 @@
 """Reward functions for GRPO over relay rollouts: plain trl-style ``(completions, **kwargs)``.
 
 Every function grades with :func:`relaypipe.tasks.grading.is_correct` (the evaluation grader)
-and reads the rollout's *delivered* token counts (``teacher_tokens``, ``generated_tokens``),
+on ``reader_text`` when the rollout supplies it (relaypipe/train/rollout.py: the completion with
+its commands removed, as evaluation reads it; trl's own ``completions`` are decoded with
+``skip_special_tokens``, which keeps a command's body as if it were answer text), and reads the rollout's *delivered* token counts (``teacher_tokens``, ``generated_tokens``),
 never the n the student asked for. The difficulty-aware reward is decided **per prompt group**
 (all completions of the same ``problem_id`` in the batch), not over the whole batch as the
 reference implementation does. Its table (DESIGN.md §1; call_ratio = teacher / generated,
@@ -41,19 +43,30 @@ def _text(completion: Any) -> str:
     return "".join(m.get("content", "") for m in completion)
 
 
+def _correct(
+    completions: list[Any], answer: list[str], reader_text: list[str] | None
+) -> list[bool]:
+    texts = reader_text if reader_text is not None else [_text(c) for c in completions]
+    return [is_correct(t, a) for t, a in zip(texts, answer, strict=True)]
+
+
 def call_ratios(teacher_tokens: Sequence[int], generated_tokens: Sequence[int]) -> list[float]:
     return [
         min(1.0, t / g) if g else 0.0 for t, g in zip(teacher_tokens, generated_tokens, strict=True)
     ]
 
 
-def accuracy_reward(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
-    """1 for a right final answer, else 0.
+def accuracy_reward(
+    completions: list[Any], answer: list[str], reader_text: list[str] | None = None, **_: Any
+) -> list[float]:
+    """1 for a right final answer, else 0 (graded on ``reader_text`` when given).
 
     >>> accuracy_reward(["Answer: 4", "Answer: 5"], answer=["4", "4"])
     [1.0, 0.0]
+    >>> accuracy_reward(["Answer: 212"], answer=["12"], reader_text=["Answer: 12"])
+    [1.0]
     """
-    return [float(is_correct(_text(c), a)) for c, a in zip(completions, answer, strict=True)]
+    return [float(c) for c in _correct(completions, answer, reader_text)]
 
 
 def difficulty_aware_reward(
@@ -63,6 +76,7 @@ def difficulty_aware_reward(
     teacher_tokens: list[int],
     generated_tokens: list[int],
     finished: list[bool] | None = None,
+    reader_text: list[str] | None = None,
     **_: Any,
 ) -> list[float]:
     """RelayLLM's difficulty-aware reward, judged per prompt group (table in the module doc);
@@ -73,7 +87,7 @@ def difficulty_aware_reward(
     ...     teacher_tokens=[0, 2, 0], generated_tokens=[10, 10, 10])
     [1.5, 0.8, 0.0]
     """
-    correct = [float(is_correct(_text(c), a)) > 0 for c, a in zip(completions, answer, strict=True)]
+    correct = _correct(completions, answer, reader_text)
     ratio = call_ratios(teacher_tokens, generated_tokens)
     called = [t > 0 for t in teacher_tokens]
     done = finished if finished is not None else [True] * len(completions)
@@ -106,9 +120,10 @@ def make_cost_penalised_reward(cost_weight: float = 0.5, budget_penalty: float =
         teacher_tokens: list[int],
         generated_tokens: list[int],
         budget_events: list[int] | None = None,
+        reader_text: list[str] | None = None,
         **_: Any,
     ) -> list[float]:
-        acc = accuracy_reward(completions, answer)
+        acc = accuracy_reward(completions, answer, reader_text)
         ratio = call_ratios(teacher_tokens, generated_tokens)
         over = budget_events or [0] * len(completions)
         return [

@@ -20,13 +20,16 @@ from transformers import PreTrainedTokenizerBase
 from relaypipe.relay.backends import Backend, Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.trace import RelayTrace, StopReason
+from relaypipe.tasks.grading import reader_text
 
 log = logging.getLogger(__name__)
 
 FINISHED = (StopReason.STUDENT_EOS, StopReason.TEACHER_EOS)
 
 
-def rollout_fields(traces: list[RelayTrace], mask_teacher_tokens: bool) -> dict[str, list]:
+def rollout_fields(
+    traces: list[RelayTrace], tokenizer: PreTrainedTokenizerBase, mask_teacher_tokens: bool
+) -> dict[str, list]:
     """trl's rollout dict from relay traces (one completion per trace)."""
     return {
         "prompt_ids": [t.prompt_ids for t in traces],  # [N][P_i]
@@ -37,6 +40,8 @@ def rollout_fields(traces: list[RelayTrace], mask_teacher_tokens: bool) -> dict[
             [1 - m for m in t.teacher_mask()] if mask_teacher_tokens else [1] * t.n_generated
             for t in traces
         ],
+        # what the rewards grade: commands removed (trl's own decode keeps their bodies)
+        "reader_text": [reader_text(tokenizer, t.token_ids) for t in traces],
         "teacher_tokens": [t.n_teacher for t in traces],
         "generated_tokens": [t.n_generated for t in traces],
         "calls": [t.calls for t in traces],
@@ -78,7 +83,7 @@ def make_relay_rollout(
             traces = RelayDecoder(student, teacher, tokenizer, cfg).decode(ids)
         finally:
             model.train(was_training)
-        fields = rollout_fields(traces, mask_teacher_tokens)
+        fields = rollout_fields(traces, tokenizer, mask_teacher_tokens)
         _log_relay_metrics(trainer, traces, "train" if was_training else "eval")
         return fields
 
