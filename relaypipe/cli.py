@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from relaypipe import cli_bench, cli_import, cli_serve
 from relaypipe.relay.backends import Sampling, TransformersBackend
@@ -31,6 +32,20 @@ def _decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--raw", action="store_true", help="send prompts as-is, without the Q:/A: template"
     )
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="frame each question with the student tokenizer's chat template (as the stages' "
+        "chat_template: true does)",
+    )
+    p.add_argument(
+        "--chat-template-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="variables for the chat template, e.g. '{\"enable_thinking\": false}' for Qwen3 "
+        "(the stages' chat_template_kwargs); needs --chat-template",
+    )
     p.add_argument("--mode", choices=MODES, default="relay")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-turns", type=int, default=32)
@@ -45,7 +60,20 @@ def _decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON trace per line instead")
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
+def _json_object(text: str) -> dict:
+    """argparse type: a JSON object (``{"enable_thinking": false}``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object like '{{\"a\": 1}}', got {text!r}"
+        )
+    return value
+
+
+def _read_questions(args: argparse.Namespace) -> list[str]:
     if args.prompt:
         questions = args.prompt
     else:
@@ -54,14 +82,33 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         questions = [ln for ln in args.prompts_file.read_text().splitlines() if ln.strip()]
     if not questions:
         raise SystemExit("error: no prompts given")
-    return questions if args.raw else [format_prompt(q) for q in questions]
+    return questions
+
+
+def _prompts(args: argparse.Namespace, questions: list[str], tok: Any) -> list[str]:
+    """The questions as the stages frame them (``--raw``: as given)."""
+    if args.raw:
+        return questions
+    return [
+        format_prompt(
+            q,
+            tok,
+            chat_template=args.chat_template,
+            chat_template_kwargs=args.chat_template_kwargs,
+        )
+        for q in questions
+    ]
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from relaypipe.models import load_model
     from relaypipe.render import render_trace, summary_line
 
-    prompts = _read_prompts(args)
+    if args.chat_template_kwargs and not args.chat_template:
+        raise SystemExit("error: --chat-template-kwargs needs --chat-template")
+    if args.raw and args.chat_template:
+        raise SystemExit("error: --raw sends prompts as-is; drop --chat-template or --raw")
+    questions = _read_questions(args)
     try:
         cfg = RelayConfig(
             mode=args.mode,
@@ -79,6 +126,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     student, tok = load_model(args.student, device=args.device)
+    prompts = _prompts(args, questions, tok)
     teacher = cli_serve.build_teacher(args, tok)
     decoder = RelayDecoder(TransformersBackend(student), teacher, tok, cfg)
     colour = sys.stdout.isatty() and not args.json

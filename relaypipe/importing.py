@@ -206,7 +206,8 @@ def import_model(
     ``gguf_file``, or ``"smollm2"`` (fetched by :func:`fetch_smollm2` into ``cache_dir``).
     GGUF weights are dequantised, so the saved model is an ordinary safetensors checkpoint
     that :func:`relaypipe.models.load_model` reloads. ``dtype`` is the dtype the weights are
-    loaded and saved in.
+    loaded and saved in (``auto``: the source's own); the call tags' embedding rows are the
+    mean of the real vocabulary's, also where the matrix already had spare rows for them.
     """
     model, tok, result = load_for_import(source, gguf_file, dtype=dtype, cache_dir=cache_dir)
     return save_import(model, tok, result, out_dir)
@@ -241,7 +242,7 @@ def load_for_import(
             tok.convert_tokens_to_ids(CALL_CLOSE),
         ),
         chat_template=bool(getattr(tok, "chat_template", None)),
-        dtype=dtype,
+        dtype=str(model.dtype).removeprefix("torch."),  # what was loaded ("auto" resolved)
         load_seconds=round(load_seconds, 2),
         save_seconds=0.0,
     )

@@ -144,16 +144,18 @@ def build_teacher(
     model_name: str | None = None,
     http: HTTPOptions | None = None,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     name: str = "teacher",
 ) -> Teacher:
     """The teacher the options describe.
 
-    In-process (no ``url``): loads ``path`` with :func:`relaypipe.models.load_model`; when a
-    ``tokenizer`` (the student's) is given, it must match the teacher's (token ids are shared).
-    Behind a URL: an :class:`~relaypipe.relay.http_backend.HTTPBackend` for ``model_name``
-    speaking ``tokenizer``, or, when none is given, the tokenizer saved in ``path``; checked
-    against the server's model list unless ``http.check`` is false.
+    In-process (no ``url``): loads ``path`` with :func:`relaypipe.models.load_model` on
+    ``device`` in ``dtype`` (``auto``: as saved; the stage's ``dtype``); when a ``tokenizer``
+    (the student's) is given, it must match the teacher's (token ids are shared).
+    Behind a URL (``dtype`` unused: the server chose its own): an
+    :class:`~relaypipe.relay.http_backend.HTTPBackend` for ``model_name`` speaking
+    ``tokenizer``, or, when none is given, the tokenizer saved in ``path``; checked against the
+    server's model list unless ``http.check`` is false.
     """
     validate_teacher_options(url, model_name)
     from relaypipe.models import load_model, load_tokenizer

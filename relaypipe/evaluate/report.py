@@ -19,7 +19,13 @@ cost_usd_uncached, latency_s, ...; token, FLOP, money and latency values are mea
 * ``headline_by_benchmark.<name>``: the three headline numbers per benchmark.
 * ``notes.<key>``: why a number is null. A relay accuracy outside the router curve's accuracy
   range (below the student, i.e. p = 0, or above the best point) has no performance-matched
-  router: the reduction is null, never extrapolated.
+  router: the reduction is null, never extrapolated. So is a relay matched at call ratio 0
+  (no more accurate than the student alone), a relay that made no teacher calls, and, with
+  ``gap_recovered``, a teacher no better than the student: nothing to compare, never a
+  negative "reduction".
+* ``warnings``: the earlier stages' ``warnings`` (degenerate runs kept with ``allow_degenerate``,
+  see relaypipe/checks.py) and the report's own (a relay that never called, no gap); report.md
+  opens with them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 
 import pandas as pd
 
+from relaypipe.checks import no_calls, no_gap
 from relaypipe.evaluate.cost import (
     CostModel,
     Interpolated,
@@ -114,25 +121,38 @@ def _headline(
             notes[key] = "the relay mode was not evaluated"
         return out, notes, None
     relay = modes["relay"]
+    costs = ("cost_reduction_vs_matched_router", "cost_reduction_vs_matched_router_flops")
+    # A teacher no better than the student leaves no gap (the ratio would be noise), and a
+    # router curve with nothing to buy; a relay that never called has no teacher use to reduce.
+    gapless = no_gap(modes)
     if "student" in modes and "teacher" in modes:
-        gap = modes["teacher"]["accuracy"] - modes["student"]["accuracy"]
-        if gap > 0:
-            out["gap_recovered"] = (relay["accuracy"] - modes["student"]["accuracy"]) / gap
+        if gapless:
+            notes["gap_recovered"] = gapless
         else:
-            # A teacher no better than the student leaves no gap; the ratio would be noise.
-            notes["gap_recovered"] = (
-                f"the teacher ({modes['teacher']['accuracy']:.4g}) is not more accurate than "
-                f"the student ({modes['student']['accuracy']:.4g}): no gap to recover"
-            )
+            gap = modes["teacher"]["accuracy"] - modes["student"]["accuracy"]
+            out["gap_recovered"] = (relay["accuracy"] - modes["student"]["accuracy"]) / gap
     else:
         notes["gap_recovered"] = "needs the student and teacher modes"
+    nothing = no_calls(modes) or gapless
+    if nothing:
+        notes.update(dict.fromkeys(costs, nothing))
+        return out, notes, None
     matched = match_accuracy(curve, relay["accuracy"])
     if not matched.ok:
-        reason = f"no performance-matched router: relay {matched.reason}"
-        notes["cost_reduction_vs_matched_router"] = reason
-        notes["cost_reduction_vs_matched_router_flops"] = reason
+        notes.update(dict.fromkeys(costs, f"no performance-matched router: relay {matched.reason}"))
         return out, notes, matched
     assert matched.values is not None
+    if matched.values["call_ratio"] <= 0:
+        # Matched where the router hands the teacher nothing (the student alone, p = 0): the
+        # relay buys no accuracy with its calls, and 1 - cost / student's cost is no reduction.
+        notes.update(
+            dict.fromkeys(
+                costs,
+                f"the relay ({relay['accuracy']:.4g}) is no more accurate than the router at "
+                "call ratio 0 (the student alone): its teacher use bought nothing to compare",
+            )
+        )
+        return out, notes, None
     for key, metric in (
         ("cost_reduction_vs_matched_router", "call_ratio"),
         ("cost_reduction_vs_matched_router_flops", "flops"),
@@ -144,9 +164,16 @@ def _headline(
 
 
 def build_metrics(
-    requests: pd.DataFrame, models: Mapping[str, CostModel], confidence: float = 0.95
+    requests: pd.DataFrame,
+    models: Mapping[str, CostModel],
+    confidence: float = 0.95,
+    upstream_warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """metrics.json's content (see the module docstring) from an EvalRequestSchema table."""
+    """metrics.json's content (see the module docstring) from an EvalRequestSchema table.
+
+    ``upstream_warnings``: what earlier stages recorded under ``warnings`` (runs they kept
+    because of ``allow_degenerate``); they head the report's own warnings.
+    """
     if requests.empty:
         raise ValueError("the requests table is empty: nothing to report")
     df = request_costs(requests, models)
@@ -198,6 +225,11 @@ def build_metrics(
         },
         "notes": notes,
         "confidence": confidence,
+        # A run that learned nothing must not read like a success: these head report.md.
+        "warnings": [
+            *upstream_warnings,
+            *(f"report: {why}" for why in (no_calls(macro), no_gap(macro)) if why),
+        ],
     }
     return metrics
 
@@ -341,6 +373,16 @@ def render_markdown(metrics: Mapping[str, Any], run_command: str = "") -> str:
     lines = ["# Evaluation report", ""]
     if run_command:
         lines += [f"Produced by `{run_command}`.", ""]
+    if metrics.get("warnings"):
+        lines += [
+            "## Warnings: this run is degenerate",
+            "",
+            "Parts of this run learned or measured nothing (relaypipe/checks.py); read every "
+            "number below with that in mind:",
+            "",
+            *(f"- {w}" for w in metrics["warnings"]),
+            "",
+        ]
     ns = ", ".join(
         f"{b} n={int(next(iter(metrics['benchmarks'][b].values()))['n'])}" for b in names
     )

@@ -7,11 +7,13 @@ reward meant.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from relaypipe.checks import answered_share
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.trace import RelayTrace
 from relaypipe.tasks.base import Problem, format_prompt
@@ -34,11 +36,13 @@ def decode_problems(
     desc: str | None = None,
     *,
     chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[Graded]:
     """Decode every problem in ``config``'s mode (in chunks of ``batch_size``) and grade it.
 
     Prompts come from :func:`relaypipe.tasks.base.format_prompt` with the decoder's tokenizer
-    (``chat_template``: its chat template, when it has one), exactly as in training.
+    (``chat_template``: its chat template, when it has one, rendered with
+    ``chat_template_kwargs``), exactly as in training.
     """
     tok = decoder.tokenizer
     out: list[Graded] = []
@@ -47,7 +51,12 @@ def decode_problems(
         chunk = problems[start : start + batch_size]
         prompts = [
             tok(
-                format_prompt(p.question, tok, chat_template=chat_template),
+                format_prompt(
+                    p.question,
+                    tok,
+                    chat_template=chat_template,
+                    chat_template_kwargs=chat_template_kwargs,
+                ),
                 add_special_tokens=False,
             ).input_ids
             for p in chunk
@@ -91,6 +100,7 @@ def solo_accuracies(
     seed: int,
     batch_size: int,
     chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float | int]:
     """Greedy accuracy of each model alone (modes ``student`` and ``teacher``): the bootstrap's
     measurement, whichever way the pair was made."""
@@ -104,8 +114,11 @@ def solo_accuracies(
             batch_size=batch_size,
             desc=f"eval {mode}",
             chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
         )
         metrics[f"{mode}_accuracy"] = round(accuracy(graded), 4)
+        # 0 here means it never reached an answer line: its accuracy measures nothing
+        metrics[f"{mode}_answered"] = round(answered_share(g.completion for g in graded), 4)
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
     metrics["n_eval"] = len(problems)
     return metrics

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -96,12 +97,14 @@ def evaluate_benchmarks(
     batch_size: int = 100,
     *,
     chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Decode and grade every benchmark in every run; rows shaped like EvalRequestSchema.
 
     ``decoders`` maps a student role (``MODE_PLAN``) to a decoder holding that student and the
     teacher; ``config`` carries bounds, sampling and seed, and each run sets its mode and p.
-    ``chat_template``: prompts in the tokenizer's chat form (as in training).
+    ``chat_template``: prompts in the tokenizer's chat form, rendered with
+    ``chat_template_kwargs`` (as in training).
     """
     rows: list[dict] = []
     jobs = [(name, run) for name in benchmarks for run in runs]
@@ -120,6 +123,7 @@ def evaluate_benchmarks(
             batch_size=batch_size,
             desc=f"{name} {run.label}",
             chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
         )
         for g in graded:
             tr = g.trace

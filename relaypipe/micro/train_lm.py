@@ -12,7 +12,8 @@ solutions does not (measured: warm-up SFT on the student's own right answers wit
 halved its teacher-free accuracy, 0.69 -> 0.37), because every command shifts the positions it
 copies operands by. With ``command_context`` 0.5 the same warm-up leaves it unchanged.
 
-``withhold`` gives a model a *knowledge gap*: training problems whose worked solution matches
+``withhold`` gives a model a *knowledge gap*: training problems whose question or worked solution
+matches
 the regular expression are left out, so the model never sees those steps. A student trained to
 convergence this way copies and reads past commands reliably, yet cannot do the withheld steps:
 its mistakes sit on known tokens (a step that adds 7, say) that the teacher gets right, which is
@@ -26,7 +27,9 @@ import math
 import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -49,7 +52,7 @@ class TrainSpec:
     seed: int = 0
     command_context: float = 0.0  # share of examples with loss-masked commands inserted
     command_n_values: tuple[int, ...] = (1, 2, 4)  # their n
-    withhold: str | None = None  # regex: leave out problems whose solution matches it
+    withhold: str | None = None  # regex: leave out problems whose question or solution matches
 
     def __post_init__(self) -> None:
         if self.withhold is not None:
@@ -68,12 +71,21 @@ Example = tuple[list[int], int, frozenset[int]]
 
 
 def encode_examples(
-    problems: list[Problem], tokenizer: PreTrainedTokenizerBase, *, chat_template: bool = False
+    problems: list[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[tuple[list[int], int]]:
     """(token ids of prompt + solution + EOS, prompt length) per problem."""
     out = []
     for p in problems:
-        text = format_prompt(p.question, tokenizer, chat_template=chat_template)
+        text = format_prompt(
+            p.question,
+            tokenizer,
+            chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
+        )
         prompt = tokenizer(text, add_special_tokens=False).input_ids
         completion = tokenizer(p.solution, add_special_tokens=False).input_ids
         out.append((prompt + completion + [tokenizer.eos_token_id], len(prompt)))
@@ -81,11 +93,13 @@ def encode_examples(
 
 
 def withhold_problems(problems: list[Problem], pattern: str | None) -> list[Problem]:
-    """The problems whose worked solution does not match ``pattern`` (all of them if None)."""
+    """The problems whose question and worked solution both do not match ``pattern`` (all of
+    them if None): ``\\+[78]=`` drops every step adding 7 or 8, ``\\b[v-z]\\b`` every question
+    with one of the code letters v-z."""
     if pattern is None:
         return problems
     regex = re.compile(pattern)
-    kept = [p for p in problems if not regex.search(p.solution)]
+    kept = [p for p in problems if not (regex.search(p.question) or regex.search(p.solution))]
     if not kept:
         raise ValueError(f"withhold {pattern!r} leaves no training problem")
     log.info("withhold %r: training on %d of %d problems", pattern, len(kept), len(problems))
@@ -145,16 +159,23 @@ def train_causal_lm(
     desc: str = "train",
     *,
     chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float | int]:
     """Train ``model`` in place; returns the final smoothed loss, the wall time and the number
     of problems trained on.
 
     Also fine-tunes a pretrained model on the task (the ``pretrained`` bootstrap), with
-    ``chat_template`` framing the prompts as every later stage will.
+    ``chat_template`` (and ``chat_template_kwargs``) framing the prompts as every later stage
+    will.
     """
     problems = withhold_problems(problems, spec.withhold)
     examples = add_context_commands(
-        encode_examples(problems, tokenizer, chat_template=chat_template),
+        encode_examples(
+            problems,
+            tokenizer,
+            chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
+        ),
         tokenizer,
         spec.command_context,
         spec.command_n_values,

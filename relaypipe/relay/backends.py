@@ -9,6 +9,7 @@ longest common prefix with what it cached is reused). An HTTP backend fits the s
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 from collections.abc import Hashable, Sequence
@@ -89,6 +90,13 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` (where torch has autocast for it)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -111,6 +119,14 @@ def _params_version(params: Sequence[torch.Tensor]) -> tuple[int, ...]:
         return ()
 
 
+def _grown(needed: int, have: int, chunk: int, cap: int | None = None) -> int:
+    """Columns to allocate when ``have`` are too few for ``needed``: the next multiple of
+    ``chunk`` or twice ``have``, whichever is more (a long decode is copied O(log n) times, a
+    short one holds about what it wrote), but no more than ``cap`` (never less than needed)."""
+    size = max(-(-needed // chunk) * chunk, 2 * have)
+    return size if cap is None else max(needed, min(size, cap))
+
+
 class _KVStore:
     """Keys and values of every cached request in one tensor.
 
@@ -118,13 +134,21 @@ class _KVStore:
     owns one slot and its context token j sits at column j, so requests of any lengths batch
     without padding their caches: a query at position p attends to columns 0..p of its row.
     Fresh storage is zero, and only finite values are ever written, so columns a row does not
-    attend to are harmless under a mask.
+    attend to are harmless under a mask. Columns are added as sequences lengthen (see
+    :func:`_grown`), not for the longest possible decode up front.
     """
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device) -> None:
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, dtype, device, chunk: int = 64
+    ) -> None:
         self.data = torch.zeros((layers, 2, 0, kv_heads, 0, head_dim), dtype=dtype, device=device)
         self._free: list[int] = []  # a heap: the lowest free slot first keeps batches contiguous
         self.slots_used = 0
+        self.chunk = chunk
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
 
     def acquire(self) -> int:
         if self._free:
@@ -136,12 +160,12 @@ class _KVStore:
         heapq.heappush(self._free, slot)
 
     def reserve(self, length: int) -> None:
-        """Room for every acquired slot and ``length`` columns (grows by doubling)."""
+        """Room for every acquired slot and ``length`` columns (grows geometrically)."""
         n_layers, _, slots, heads, cols, dim = self.data.shape
         if slots >= self.slots_used and cols >= length:
             return
         new_slots = slots if slots >= self.slots_used else max(self.slots_used, 2 * slots)
-        new_cols = cols if cols >= length else max(-(-length // 64) * 64, 2 * cols)
+        new_cols = cols if cols >= length else _grown(length, cols, self.chunk)
         grown = self.data.new_zeros((n_layers, 2, new_slots, heads, new_cols, dim))
         grown[:, :, :slots, :, :cols] = self.data
         self.data = grown
@@ -208,8 +232,10 @@ class _SlotCache:
                 f"{tuple(self.kv.shape)} sized from the model config"
             )
         k, v = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
-        k[self.rows, :, self.pos] = keys.transpose(1, 2)
-        v[self.rows, :, self.pos] = values.transpose(1, 2)
+        # .to: a forward under autocast (accelerate wraps a mixed-precision model's forward in
+        # one) yields bf16 keys for float32 weights; the store keeps the weights' dtype
+        k[self.rows, :, self.pos] = keys.transpose(1, 2).to(k.dtype)
+        v[self.rows, :, self.pos] = values.transpose(1, 2).to(v.dtype)
         return k[:, :, : self.hi], v[:, :, : self.hi]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -337,8 +363,8 @@ class _LlamaRunner:
 class TransformersBackend:
     """An in-process Hugging Face causal LM with per-request KV caches kept across calls.
 
-    Every request owns a slot of one preallocated key/value store, with its context token j
-    at column j (see :class:`_KVStore`). A call prefills only what a request has not cached
+    Every request owns a slot of one key/value store, with its context token j at column j
+    (see :class:`_KVStore`). A call prefills only what a request has not cached
     (the longest common prefix with its cached tokens is reused; a context that diverges
     simply overwrites from there), right-padded to the longest such suffix, then decodes all
     requests together one token per step until each has stopped. Nothing is stitched or
@@ -346,6 +372,12 @@ class TransformersBackend:
     any other batch gathers its rows once per call and writes back only the columns it wrote.
     The mask is "column <= own position", so a request's tokens do not depend on its
     batch-mates beyond floating-point noise.
+
+    Memory follows what is decoded: the store gains columns in steps of ``kv_chunk`` (or by
+    doubling) as sequences lengthen, not batch x (prompt + max_new_tokens) up front, and it is
+    freed once no request is cached (the relay decoder releases every request when its decode
+    ends), so backends that take turns (evaluation's modes) do not all hold a cache at once.
+    ``kv_bytes`` is what the store holds now, ``kv_peak_bytes`` the most held at once.
 
     ``fast`` picks the forward: a lean re-implementation for standard Llama models (the micro
     pair; numerically the same arithmetic), else the model's own forward with the slot cache
@@ -359,9 +391,12 @@ class TransformersBackend:
         use_cache: bool = True,
         name: str = "model",
         fast: bool | None = None,
+        kv_chunk: int = 64,
     ):
         if fast and not _LlamaRunner.supports(model):
             raise ValueError(f"fast=True needs a standard Llama model, not {type(model).__name__}")
+        if kv_chunk < 1:
+            raise ValueError(f"kv_chunk must be >= 1, got {kv_chunk}")
         self.model = model.eval()
         self.name = name
         self.use_cache = use_cache
@@ -381,6 +416,9 @@ class TransformersBackend:
         )
         window = getattr(text, "sliding_window", None)
         self._window = window if getattr(text, "use_sliding_window", True) is not False else None
+        self.kv_chunk = kv_chunk
+        self.kv_peak_bytes = 0
+        self._estimate_logged = 0  # the largest memory estimate logged at info level
         self._store: _KVStore | None = None
         self._entries: dict[Hashable, _Entry] = {}
         # the parameters as of now: updates in place are noticed, replaced modules are not
@@ -396,10 +434,23 @@ class TransformersBackend:
     def fast(self) -> bool:
         return isinstance(self._runner, _LlamaRunner)
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of one token: layers x kv_heads x head_dim x 2 x dtype size."""
+        layers, heads, dim = self._geometry
+        return layers * heads * dim * 2 * self._params[0].element_size()
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the key/value store holds now (0 when no request is cached)."""
+        return self._store.nbytes if self._store is not None else 0
+
     def release(self, key: Hashable) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None and self._store is not None:
             self._store.release(entry.slot)
+        if not self._entries:
+            self._store = None  # nothing cached: give the memory back until the next call
 
     def cached_tokens(self, key: Hashable) -> int:
         entry = self._entries.get(key)
@@ -414,7 +465,7 @@ class TransformersBackend:
             for entry in self._entries.values():
                 entry.ids = []
         if self._store is None or self._store.data.device != dev or self._store.data.dtype != dtype:
-            store = _KVStore(*self._geometry, dtype=dtype, device=dev)
+            store = _KVStore(*self._geometry, dtype=dtype, device=dev, chunk=self.kv_chunk)
             for entry in self._entries.values():
                 entry.slot, entry.ids = store.acquire(), []
             self._store = store
@@ -449,10 +500,45 @@ class TransformersBackend:
         results = [GenResult(tokens=[], finish="length", prefill_tokens=0) for _ in requests]
         live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
         if live:
-            done = self._decode([requests[i] for i in live], stop_token_ids, sampling)
+            if not self._entries:  # a decode starts
+                self._log_estimate([requests[i] for i in live])
+            # In the weights' dtype even inside a caller's autocast: trl trains float32 weights
+            # under bf16 autocast and calls the rollout from there, and the store (and so the
+            # tokens) must not depend on the caller's context.
+            with _no_autocast(self.device):
+                done = self._decode([requests[i] for i in live], stop_token_ids, sampling)
             for i, res in zip(live, done, strict=True):
                 results[i] = res
         return results
+
+    def _log_estimate(self, batch: list[GenRequest]) -> None:
+        """Before a decode starts (nothing cached yet): how much key/value memory it may take,
+        at most. Logged at info level when it is the largest so far, else at debug level."""
+        per_token = self.kv_bytes_per_token
+        tokens = sum(len(r.context) + r.max_new_tokens for r in batch)
+        estimate = per_token * tokens
+        level = logging.INFO if estimate > self._estimate_logged else logging.DEBUG
+        self._estimate_logged = max(self._estimate_logged, estimate)
+        layers, heads, dim = self._geometry
+        log.log(
+            level,
+            "%s: KV cache up to %.1f MiB for %d requests (%d tokens x %d B/token = %d layers x "
+            "%d kv heads x %d head_dim x 2 x %d B); allocated as tokens are decoded",
+            self.name,
+            estimate / 2**20,
+            len(batch),
+            tokens,
+            per_token,
+            layers,
+            heads,
+            dim,
+            self._params[0].element_size(),
+        )
+
+    def _held(self, kv: torch.Tensor, copied: bool) -> None:
+        """Record the key/value memory held now (the store, plus this call's copy if any)."""
+        held = self.kv_bytes + (kv.numel() * kv.element_size() if copied else 0)
+        self.kv_peak_bytes = max(self.kv_peak_bytes, held)
 
     def _decode(
         self, batch: list[GenRequest], stop_token_ids: frozenset[int], sampling: Sampling
@@ -483,29 +569,49 @@ class TransformersBackend:
             reuse = [0] * b
         suffixes = [r.context[c:] for r, c in zip(batch, reuse, strict=True)]
         t = max(len(s) for s in suffixes)
-        # columns: the padded prefill, then lockstep decoding of the longest request
-        width = max(max(reuse) + t, max(ctx_len) + max(max_new), b)
-        if self._window and width > self._window:
+        # columns: the padded prefill, then (at most) lockstep decoding of the longest request
+        full = max(max(reuse) + t, max(ctx_len) + max(max_new))
+        if self._window and full > self._window:
             raise ValueError(
-                f"{self.name}: {width} positions exceed the model's sliding window "
+                f"{self.name}: {full} positions exceed the model's sliding window "
                 f"({self._window}); this backend's mask is full attention"
             )
-        cols = self._columns(width, dev)
+        cols = self._columns(max(full, b), dev)
+        # room for the prefill now; decoding adds columns as it reaches them (step 4)
+        width = _grown(max(reuse) + t, 0, self.kv_chunk, cap=full)
 
         # 2. The batch's keys/values: a view of the store, or its rows gathered once (a copy,
         #    written back at the end).
         copied = not self.use_cache
+        first = 0  # with a view: the batch's first slot
         if self.use_cache:
             store.reserve(width)
             slots = [e.slot for e in entries]
             if slots == list(range(slots[0], slots[0] + b)):
-                kv = store.data[:, :, slots[0] : slots[0] + b, :, :width]
+                first = slots[0]
+                width = min(store.data.shape[4], full)  # a view costs nothing: all there is
+                kv = store.data[:, :, first : first + b, :, :width]
             else:
                 kv = store.data[:, :, :, :, :width].index_select(2, self._index(slots, dev))
                 copied = True
         else:
             layers, heads, dim = self._geometry
             kv = torch.zeros((layers, 2, b, heads, width, dim), dtype=store.data.dtype, device=dev)
+        self._held(kv, copied)
+
+        def widen(kv: torch.Tensor, needed: int) -> torch.Tensor:
+            """``kv`` with at least ``needed`` columns: the store grown and viewed again, or a
+            larger copy (the columns past what was written stay zero)."""
+            new = _grown(needed, kv.shape[4], self.kv_chunk, cap=full)
+            if not copied:
+                store.reserve(new)
+                kv = store.data[:, :, first : first + b, :, : min(store.data.shape[4], full)]
+            else:
+                wider = kv.new_zeros((*kv.shape[:4], new, kv.shape[5]))
+                wider[:, :, :, :, : kv.shape[4]] = kv
+                kv = wider
+            self._held(kv, copied)
+            return kv
 
         def write_back(rows_of_kv: list[int], batch_rows: list[int]) -> None:
             """Copy columns min(reuse)..(last fed) of some rows of a copied kv to the store."""
@@ -513,6 +619,7 @@ class TransformersBackend:
                 return
             lo = min(reuse)
             hi = max(ctx_len[i] + len(fed[i]) for i in batch_rows)
+            store.reserve(hi)
             src = kv if rows_of_kv == list(range(len(kv[0, 0]))) else None
             if src is None:
                 src = kv.index_select(2, self._index(rows_of_kv, dev))
@@ -577,6 +684,8 @@ class TransformersBackend:
                 cur = [cur[j] for j in keep]
                 tok, pos, rows = tok[keep_t], pos[keep_t], cols[: len(cur)].unsqueeze(1)
             hi = max(ctx_len[i] for i in cur) + k + 1
+            if hi > kv.shape[4]:
+                kv = widen(kv, hi)
             logits = self._runner(tok.unsqueeze(1), pos, kv, hi, None, cols, rows)
             pos = pos + 1
             k += 1

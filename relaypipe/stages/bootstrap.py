@@ -22,27 +22,34 @@ Two kinds (``kind``):
   measured through the server.
 
 The measurement is the same for both kinds, with the prompt every later stage uses
-(``chat_template``: the tokenizer's chat form, for instruct models).
+(``chat_template``: the tokenizer's chat form, for instruct models). A pair that cannot be
+graded (a model never writes a gradable final answer: ``<role>_answered`` = 0), a teacher right
+on nothing, or a teacher no better than the student leaves nothing to relay: the stage then
+fails, naming the param to change, and writes nothing (relaypipe/checks.py);
+``allow_degenerate: true`` keeps the pair and records the findings under ``warnings``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from relaypipe.checks import bootstrap_findings, enforce
 from relaypipe.evaluate.run import solo_accuracies
-from relaypipe.io import read_table, write_json
+from relaypipe.io import atomic_path, read_table, write_json
 from relaypipe.micro.bootstrap import BootstrapSpec, bootstrap_pair
 from relaypipe.micro.models import ModelSize
 from relaypipe.micro.train_lm import TrainSpec, train_causal_lm
 from relaypipe.schemas import ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
-from relaypipe.tasks.base import Problem
+from relaypipe.tasks.base import Problem, check_prompt_options
 from relaypipe.teacher import HTTPOptions, Teacher, validate_teacher_options
 
 log = logging.getLogger(__name__)
@@ -70,15 +77,21 @@ class BootstrapParams:
     cache_dir: str | None = None  # where "smollm2" is cached (None: ~/.cache/relaypipe)
     device: str = "auto"  # pretrained: fine-tune and measure here (micro trains on the CPU)
     chat_template: bool = False  # frame prompts with the tokenizer's chat template
+    # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int = 96
     eval_batch_size: int = 100
     eval_limit: int | None = None  # evaluate on the first N eval problems only (None: all)
     seed: int = 0
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    # true: a pair that cannot be graded or has no gap (relaypipe/checks.py) is kept, with
+    # warnings in bootstrap.json and the report; false (default): the stage fails
+    allow_degenerate: bool = False
     problems_dir: str = "data/problems"
     out_dir: str = "data/models"
 
     def __post_init__(self) -> None:
+        check_prompt_options(self.chat_template, self.chat_template_kwargs)
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         validate_teacher_options(self.teacher_url, self.teacher_model)
@@ -121,6 +134,7 @@ def _measure(
         seed=params.seed,
         batch_size=params.eval_batch_size,
         chat_template=params.chat_template,
+        chat_template_kwargs=params.chat_template_kwargs,
     )
 
 
@@ -129,7 +143,13 @@ def _fine_tune(
 ) -> dict[str, float]:
     """Fine-tune an imported model on the task's worked solutions; its metrics."""
     result = train_causal_lm(
-        model, tok, train, spec, desc=f"fine-tune {role}", chat_template=params.chat_template
+        model,
+        tok,
+        train,
+        spec,
+        desc=f"fine-tune {role}",
+        chat_template=params.chat_template,
+        chat_template_kwargs=params.chat_template_kwargs,
     )
     return {
         f"{role}_train_seconds": round(result["seconds"], 1),
@@ -235,6 +255,25 @@ def run(params: BootstrapParams) -> dict:
     if params.eval_limit:
         evaluation = evaluation[: params.eval_limit]
     t = time.perf_counter()
+    out = Path(params.out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The pair is made in a hidden staging folder beside out_dir and moved into place only once
+    # the checks pass: a refused pair (relaypipe/checks.py) leaves the previous one untouched.
+    staging = tempfile.TemporaryDirectory(prefix=f".{out.name}.bootstrap-", dir=out.parent)
+    with staging:
+        metrics = _make_pair(replace(params, out_dir=staging.name), train, evaluation)
+        metrics["total_seconds"] = round(time.perf_counter() - t, 1)
+        findings = bootstrap_findings(metrics, kind=params.kind, where=str(out))
+        metrics["warnings"] = enforce(findings, stage="bootstrap", allow=params.allow_degenerate)
+        for role in ("student", "teacher"):
+            with atomic_path(out / role, directory=True) as tmp:
+                os.replace(Path(staging.name) / role, tmp)
+    write_json(out / "bootstrap.json", metrics)
+    return metrics
+
+
+def _make_pair(params: BootstrapParams, train: list[Problem], evaluation: list[Problem]) -> dict:
+    """Make (or import), save under ``params.out_dir`` and measure the pair, by ``kind``."""
     if params.kind == "pretrained":
         metrics = run_pretrained(params, train, evaluation)
     else:
@@ -250,8 +289,6 @@ def run(params: BootstrapParams) -> dict:
             seed=params.seed,
         )
         metrics = bootstrap_pair(train, evaluation, spec, Path(params.out_dir))
-    metrics["total_seconds"] = round(time.perf_counter() - t, 1)
-    write_json(Path(params.out_dir) / "bootstrap.json", metrics)
     return metrics
 
 

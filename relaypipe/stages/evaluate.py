@@ -29,18 +29,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from relaypipe.evaluate.suite import evaluate_benchmarks, plan_runs
 from relaypipe.io import read_table, write_json, write_table
 from relaypipe.micro.models import count_parameters
-from relaypipe.models import load_model
+from relaypipe.models import check_dtype, load_model
 from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import EVAL_MODES, EvalRequestSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
-from relaypipe.tasks.base import Problem
+from relaypipe.tasks.base import Problem, check_prompt_options
 from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class EvaluateParams:
     batch_size: int = 100
     seed: int = 0
     device: str = "auto"
+    dtype: str = "auto"  # weights: auto (as saved) | float32 | bfloat16 | float16
     threads: int | None = None
     benchmarks_dir: str = "data/problems/benchmarks"
     student: str = "data/models/student"
@@ -79,9 +81,12 @@ class EvaluateParams:
     teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
     teacher_params: int | None = None  # the served teacher's parameter count (with teacher_url)
     chat_template: bool = False  # frame prompts with the tokenizer's chat template
+    # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     out_dir: str = "data/eval"
 
     def __post_init__(self) -> None:
+        check_prompt_options(self.chat_template, self.chat_template_kwargs)
         plan_runs(self.modes, self.router_p)  # unknown modes fail here, naming the key
         if not self.modes:
             raise ValueError("modes is empty")
@@ -92,6 +97,7 @@ class EvaluateParams:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         validate_teacher_options(self.teacher_url, self.teacher_model)
+        check_dtype(self.dtype)
         if self.teacher_url and not self.teacher_params:
             raise ValueError(
                 "teacher_url needs teacher_params (the served model's parameter count): the "
@@ -131,7 +137,9 @@ def run(params: EvaluateParams) -> dict:
 
     student_models, students = {}, {}
     for role in roles:
-        student_models[role], tok = load_model(paths[role], device=params.device)
+        student_models[role], tok = load_model(
+            paths[role], device=params.device, dtype=params.dtype
+        )
         students[role] = {"path": paths[role], "params": count_parameters(student_models[role])}
     # The students share one tokenizer (each stage starts from the previous one's): the
     # teacher must speak it (checked in-process; over HTTP it frames the ids it sends).
@@ -142,6 +150,7 @@ def run(params: EvaluateParams) -> dict:
         model_name=params.teacher_model,
         http=params.teacher_http,
         device=params.device,
+        dtype=params.dtype,
     )
     decoders = {
         role: RelayDecoder(TransformersBackend(m.eval(), name=role), teacher.backend, tok)
@@ -168,6 +177,7 @@ def run(params: EvaluateParams) -> dict:
             config,
             params.batch_size,
             chat_template=params.chat_template,
+            chat_template_kwargs=params.chat_template_kwargs,
         )
 
     out = Path(params.out_dir)

@@ -13,13 +13,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from relaypipe.io import read_table, write_json, write_table
+from relaypipe.models import check_dtype
 from relaypipe.relay.decoder import RelayDecoder
 from relaypipe.schemas import FilteredProblemSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.tasks.base import check_prompt_options
 from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
 from relaypipe.train.sampling import sample_k
 
@@ -35,6 +38,7 @@ class FilterParams:
     batch_size: int = 128
     seed: int = 0
     device: str = "auto"
+    dtype: str = "auto"  # weights: auto (as saved) | float32 | bfloat16 | float16
     threads: int | None = None
     problems: str = "data/problems/train.parquet"
     teacher: str = "data/models/teacher"  # weights, or (with teacher_url) its tokenizer
@@ -42,10 +46,14 @@ class FilterParams:
     teacher_model: str | None = None  # the model name served at teacher_url
     teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
     chat_template: bool = False  # frame prompts with the tokenizer's chat template
+    # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     out_dir: str = "data/filter"
 
     def __post_init__(self) -> None:
+        check_prompt_options(self.chat_template, self.chat_template_kwargs)
         validate_teacher_options(self.teacher_url, self.teacher_model)
+        check_dtype(self.dtype)
 
 
 def run(params: FilterParams) -> dict:
@@ -59,6 +67,7 @@ def run(params: FilterParams) -> dict:
         model_name=params.teacher_model,
         http=params.teacher_http,
         device=params.device,
+        dtype=params.dtype,
     ) as teacher:
         # teacher mode never calls the student, so the teacher fills both seats
         decoder = RelayDecoder(teacher.backend, teacher.backend, teacher.tokenizer)
@@ -72,6 +81,7 @@ def run(params: FilterParams) -> dict:
             seed=params.seed,
             batch_size=params.batch_size,
             chat_template=params.chat_template,
+            chat_template_kwargs=params.chat_template_kwargs,
         )
     frame = frame.assign(teacher_pass_rate=[sum(g.correct for g in s) / params.k for s in samples])
     kept = frame[frame.teacher_pass_rate > 0].reset_index(drop=True)

@@ -6,13 +6,21 @@ relaypipe/train/rollout.py); the reward is chosen by ``reward`` (``difficulty_aw
 paper's, judged per prompt group from delivered teacher tokens; ``accuracy``; or
 ``cost_penalised`` with a per-request teacher-token budget). ``mask_teacher_tokens`` keeps teacher
 tokens out of the policy loss (the reference trains on them: set it false to reproduce that).
-``params.yaml:grpo.trainer`` goes to trl's ``GRPOConfig`` as-is. Checkpoints every
+``params.yaml:grpo.trainer`` goes to trl's ``GRPOConfig`` as-is (checked when the params are
+parsed, built before any model is loaded: relaypipe/train/trainer_args.py).
+``num_processes > 1`` trains under ``accelerate launch`` (relaypipe/train/launch.py), each
+process holding whole prompt groups. Checkpoints every
 ``save_steps`` in ``data/checkpoints/grpo``; a re-run resumes from the last one.
 Writes ``data/models/relay/``, ``data/grpo/metrics.json`` (relay and teacher-free accuracy and
 call ratio on eval problems, gap recovered) and DVCLive curves in ``data/grpo/live``.
 The teacher is a model directory or, with ``teacher_url``/``teacher_model``, a served model
-(relaypipe/teacher.py: the paper's Qwen3-8B behind vLLM). ``chat_template`` frames the
-rollout and check prompts; keep it equal to warmup_data's.
+(relaypipe/teacher.py: the paper's Qwen3-8B behind vLLM). ``chat_template`` (and
+``chat_template_kwargs``) frame the rollout and check prompts; keep them equal to warmup_data's.
+A run in which no group's rewards ever differed (trl's ``frac_reward_zero_std`` = 1 at every
+logged step: zero advantages) or that left every weight as it was fails before the model is
+saved (relaypipe/checks.py; ``allow_degenerate: true`` keeps it, with ``warnings`` in
+metrics.json). ``gap_recovered`` is null, with ``gap_recovered_note``, when the bootstrap
+teacher is no better than the student.
 """
 
 from __future__ import annotations
@@ -28,18 +36,29 @@ import torch
 from datasets import Dataset
 from dvclive import Live
 
+from relaypipe.checks import enforce, reward_findings, unchanged_findings, weights_digest
+from relaypipe.config import ConfigError
 from relaypipe.evaluate.run import decode_problems, summarize
 from relaypipe.io import atomic_path, read_json, read_table, write_json
-from relaypipe.models import load_model
+from relaypipe.models import check_dtype, load_model, pick_device, trainer_precision
 from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import FilteredProblemSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
-from relaypipe.tasks.base import format_prompt
+from relaypipe.tasks.base import check_prompt_options, format_prompt
 from relaypipe.teacher import HTTPOptions, Teacher, build_teacher, validate_teacher_options
-from relaypipe.train.checkpoints import LiveCallback, file_digest, prepare_checkpoint_dir
+from relaypipe.train.checkpoints import LiveCallback, file_digest
+from relaypipe.train.launch import (
+    check_num_processes,
+    hand_back,
+    launched,
+    process_device,
+    resume_point,
+    train_in_processes,
+)
 from relaypipe.train.rewards import reward_by_name
 from relaypipe.train.rollout import make_relay_rollout
+from relaypipe.train.trainer_args import build_trainer_config, check_trainer_keys
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +74,8 @@ class RelayBounds:
 @dataclass(frozen=True)
 class GRPOParams:
     trainer: dict[str, Any] = field(default_factory=dict)  # trl GRPOConfig fields, passed through
+    # > 1: train in that many processes under `accelerate launch` (one per GPU)
+    num_processes: int = 1
     relay: RelayBounds = field(default_factory=RelayBounds)
     reward: str = "difficulty_aware"  # difficulty_aware | accuracy | cost_penalised
     cost_weight: float = 0.5  # cost_penalised: weight of the call ratio
@@ -62,9 +83,14 @@ class GRPOParams:
     pay_unfinished: bool = False  # difficulty_aware: true pays cut-off rollouts (the paper's table)
     mask_teacher_tokens: bool = True
     eval_n: int = 300
+    # true: a run whose rewards never varied or that left the model unchanged is kept, with
+    # warnings in metrics.json and the report; false (default): the stage fails before saving it
+    allow_degenerate: bool = False
     eval_temperature: float = 0.0  # decoding of the post-training check (0 = greedy)
     max_new_tokens: int = 64
     device: str = "auto"
+    dtype: str = "auto"  # weights: auto (as saved) | float32 | bfloat16 | float16; trl follows
+    eval_batch_size: int = 100  # requests decoded together in the post-training check
     threads: int | None = None
     problems: str = "data/filter/kept.parquet"
     eval_problems: str = "data/problems/eval.parquet"
@@ -74,24 +100,88 @@ class GRPOParams:
     teacher_model: str | None = None  # the model name served at teacher_url
     teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
     chat_template: bool = False  # rollout/check prompts; keep equal to warmup_data's
+    # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     bootstrap_metrics: str = "data/models/bootstrap.json"
     checkpoint_dir: str = "data/checkpoints/grpo"
     out_model: str = "data/models/relay"
     out_dir: str = "data/grpo"
 
     def __post_init__(self) -> None:
+        check_prompt_options(self.chat_template, self.chat_template_kwargs)
         validate_teacher_options(self.teacher_url, self.teacher_model)
+        check_dtype(self.dtype)
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental"
+        from trl import GRPOConfig  # heavy import, only for this stage
+
+        check_trainer_keys(self.trainer, GRPOConfig, "grpo")
+        check_num_processes(self.num_processes, self.device)
 
 
-def load_teacher(params: GRPOParams, tokenizer: Any) -> Teacher:
-    """The teacher the params name: in-process weights or a served model."""
+def build_grpo_config(
+    params: GRPOParams, device_type: str, *, precision: dict[str, bool] | None = None
+) -> Any:
+    """trl's ``GRPOConfig`` exactly as the stage trains with it: the stage's defaults, then
+    ``grpo.trainer``, then ``precision`` (``trainer_precision`` of the loaded weights; before
+    loading, None: bf16/fp16 only as ``grpo.trainer`` sets them).
+
+    With several processes each one scores its own completions, and the difficulty-aware
+    reward judges a prompt's ``num_generations`` completions together: a process must hold
+    whole groups, which is checked here (trl alone would split them across processes).
+    """
+    from trl import GRPOConfig
+
+    defaults = {
+        "report_to": [],
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        **(precision or {"bf16": False, "fp16": False}),
+        "disable_tqdm": False,
+        "max_completion_length": params.max_new_tokens,
+    }
+    args = build_trainer_config(
+        GRPOConfig,
+        params.trainer,
+        stage="grpo",
+        output_dir=params.checkpoint_dir,
+        device_type=device_type,
+        defaults=defaults,
+    )
+    # Completions one process generates and scores at once. Built here as one process, trl
+    # itself refuses a count that is not a multiple of num_generations, except when
+    # generation_batch_size is given: that one is shared out among the processes.
+    per_process = args.per_device_train_batch_size * args.steps_per_generation
+    if params.trainer.get("generation_batch_size"):
+        per_process = params.trainer["generation_batch_size"] // params.num_processes
+    if (
+        params.num_processes > 1
+        and params.reward == "difficulty_aware"
+        and per_process % args.num_generations
+    ):
+        raise ConfigError(
+            f"grpo.trainer: each of the {params.num_processes} processes (grpo.num_processes) "
+            f"scores {per_process} completions at a time (generation_batch_size shared out), "
+            f"not a multiple of num_generations = {args.num_generations}: prompt groups would "
+            "be split across processes and the difficulty-aware reward would judge each from "
+            "part of its group. Make generation_batch_size / num_processes a multiple of "
+            "num_generations"
+        )
+    return args
+
+
+def load_teacher(params: GRPOParams, tokenizer: Any, device: str | None = None) -> Teacher:
+    """The teacher the params name: in-process weights (on ``device``, default the stage's)
+    or a served model."""
     return build_teacher(
         params.teacher,
         tokenizer,
         url=params.teacher_url,
         model_name=params.teacher_model,
         http=params.teacher_http,
-        device=params.device,
+        device=device or params.device,
+        dtype=params.dtype,
     )
 
 
@@ -108,34 +198,40 @@ def relay_config(params: GRPOParams, mode: str = "relay") -> RelayConfig:
     )
 
 
-def train_grpo(params: GRPOParams) -> None:
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental"
-    from trl import GRPOConfig, GRPOTrainer  # heavy import, only for this stage
+def train_grpo(params: GRPOParams) -> list[str]:
+    """Train, check that the rewards varied and the model changed, save it; the warnings.
 
+    In several processes (launched by :func:`run`), each decodes and scores its own prompt
+    groups; only the main one writes the checkpoint fingerprint, the curves and the model."""
+    from trl import GRPOTrainer  # heavy import, only for this stage
+
+    device = pick_device(process_device(params.device))
+    build_grpo_config(params, device.type)  # every trainer key and value, before any model
     table = read_table(params.problems, FilteredProblemSchema)
-    model, tok = load_model(params.student, device=params.device)
-    teacher = load_teacher(params, tok)
+    model, tok = load_model(params.student, device=str(device), dtype=params.dtype)
+    teacher = load_teacher(params, tok, device=str(device))
     fingerprint = {
-        "params": asdict(params),
+        # allow_degenerate decides only what happens after training: a refused run resumes
+        "params": {k: v for k, v in asdict(params).items() if k != "allow_degenerate"},
         "problems": file_digest(params.problems),
         "student": file_digest(params.student),
         "teacher": file_digest(params.teacher),
     }
-    resume = prepare_checkpoint_dir(params.checkpoint_dir, fingerprint)
-    defaults = {
-        "report_to": [],
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "use_cpu": model.device.type == "cpu",
-        "bf16": model.device.type == "cuda",  # trl defaults to bf16; CPU trains in float32
-        "disable_tqdm": False,
-        "max_completion_length": params.max_new_tokens,
-    }
-    args = GRPOConfig(output_dir=params.checkpoint_dir, **{**defaults, **params.trainer})
+    args = build_grpo_config(
+        params, device.type, precision=trainer_precision(model, params.trainer, "grpo")
+    )
+    resume = resume_point(args, params.checkpoint_dir, fingerprint)
+    main = args.process_index == 0
     dataset = Dataset.from_dict(
         {
             "prompt": [
-                format_prompt(q, tok, chat_template=params.chat_template) for q in table.question
+                format_prompt(
+                    q,
+                    tok,
+                    chat_template=params.chat_template,
+                    chat_template_kwargs=params.chat_template_kwargs,
+                )
+                for q in table.question
             ],
             "answer": list(table.answer),
             "problem_id": list(table.problem_id),
@@ -147,11 +243,15 @@ def train_grpo(params: GRPOParams) -> None:
         relay_config(params),
         mask_teacher_tokens=params.mask_teacher_tokens,
     )
-    live = Live(
-        dir=str(Path(params.out_dir) / "live"),
-        resume=bool(resume),
-        save_dvc_exp=False,
-        dvcyaml=None,
+    live = (
+        Live(
+            dir=str(Path(params.out_dir) / "live"),
+            resume=bool(resume),
+            save_dvc_exp=False,
+            dvcyaml=None,
+        )
+        if main
+        else None
     )
     trainer = GRPOTrainer(
         model=model,
@@ -164,23 +264,38 @@ def train_grpo(params: GRPOParams) -> None:
         train_dataset=dataset,
         processing_class=tok,
         rollout_func=rollout,
-        callbacks=[LiveCallback(live)],
+        callbacks=[LiveCallback(live)] if live else [],
     )
+    before = weights_digest(model)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
         teacher.close()
-    live.end()
-    with atomic_path(params.out_model, directory=True) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
+    if live is not None:
+        live.end()
+    curves = Path(params.out_dir) / "live"
+    findings = reward_findings(trainer.state.log_history, where=str(curves))
+    findings += unchanged_findings(
+        before,
+        weights_digest(trainer.model),
+        stage="grpo",
+        source=params.student,
+        target=params.out_model,
+    )
+    kept = f" (the curves of this run are in {curves})"
+    warnings = enforce(findings, stage="grpo", allow=params.allow_degenerate, kept=kept)
+    if main:
+        with atomic_path(params.out_model, directory=True) as tmp:
+            trainer.model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
+    return warnings
 
 
 def check_relay(params: GRPOParams) -> dict:
     """Relay and teacher-free accuracy of the trained student on held-out problems."""
     problems = frame_to_problems(read_table(params.eval_problems, ProblemSchema))[: params.eval_n]
-    student, tok = load_model(params.out_model, device=params.device)
+    student, tok = load_model(params.out_model, device=params.device, dtype=params.dtype)
     metrics: dict[str, Any] = {}
     with load_teacher(params, tok) as teacher:
         dec = RelayDecoder(TransformersBackend(student), teacher.backend, tok)
@@ -189,25 +304,39 @@ def check_relay(params: GRPOParams) -> dict:
                 dec,
                 problems,
                 relay_config(params, mode),
-                batch_size=100,
+                batch_size=params.eval_batch_size,
                 chat_template=params.chat_template,
+                chat_template_kwargs=params.chat_template_kwargs,
             )
             metrics["teacher_free" if mode == "student" else mode] = summarize(graded)
     boot = read_json(params.bootstrap_metrics)
     gap = boot["teacher_accuracy"] - boot["student_accuracy"]
-    metrics["gap_recovered"] = (
-        round((metrics["relay"]["accuracy"] - boot["student_accuracy"]) / gap, 4)
-        if gap > 0
-        else 0.0
-    )
+    metrics["gap_recovered"] = None  # a teacher no better than the student leaves no gap
+    if gap > 0:
+        metrics["gap_recovered"] = round(
+            (metrics["relay"]["accuracy"] - boot["student_accuracy"]) / gap, 4
+        )
+    else:
+        metrics["gap_recovered_note"] = (
+            f"the teacher ({boot['teacher_accuracy']}) is not more accurate than the student "
+            f"({boot['student_accuracy']}) in {params.bootstrap_metrics}: no gap to recover"
+        )
     return metrics
 
 
 def run(params: GRPOParams) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
-    train_grpo(params)
+    if launched():  # one of the processes started below: train, hand back the warnings
+        hand_back(train_grpo(params))
+        return {}
+    if params.num_processes > 1:
+        build_grpo_config(params, pick_device(params.device).type)  # fail before launching
+        warnings = train_in_processes("relaypipe.stages.grpo", "grpo", params, params.num_processes)
+    else:
+        warnings = train_grpo(params)
     metrics = check_relay(params)
+    metrics["warnings"] = warnings
     write_json(Path(params.out_dir) / "metrics.json", metrics)
     return metrics
 

@@ -21,6 +21,15 @@ model-selection split of training. Each entry is either
 
 Every benchmark question is disjoint from train and eval (and from itself): repeats are dropped,
 arith redraws until it has ``n``. Not in the paper, which evaluates on public math sets only.
+
+Train and eval come from the procedural arith task (``difficulty``, ``terms``) unless
+``train_source`` names a question/answer table, with the same fields as a dataset benchmark row
+(``source``, ``split`` (default ``train``), ``config``, column mapping; e.g. the MATH train split:
+``{source: DigitalLearningGmbH/MATH-lighteval, split: train, question_column: problem,
+answer_column: solution}``). Its rows are shuffled with ``seed``; repeated questions and every
+question of a dataset benchmark are dropped (so the benchmarks stay whole); the first ``n_eval``
+become eval and the next ``n_train`` train. Fewer usable rows than ``n_eval + n_train`` fail,
+saying how many there are. A local file must be listed under this stage's ``deps`` too.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ class BenchmarkSpec:
     n: int | None = None  # problems; required for arith, a row limit for a dataset (None: all)
     difficulty: int = 1  # arith: digits per operand
     terms: int = 6  # arith: operands per problem
+    letters: int = 0  # arith: > 0 writes operands as code letters (relaypipe/tasks/arith.py)
     source: str | None = None  # dataset: file, fsspec URL or hub id (relaypipe.tasks.dataset)
     split: str = "test"  # dataset: hub split
     config: str | None = None  # dataset: hub config ("main" for openai/gsm8k)
@@ -70,7 +80,7 @@ class BenchmarkSpec:
         if self.source is None:
             if self.n is None:
                 raise ValueError(f"benchmark {self.name}: an arith benchmark needs n")
-            ArithSpec(difficulty=self.difficulty, terms=self.terms)  # validates the knobs
+            ArithSpec(self.difficulty, self.terms, self.letters)  # validates the knobs
 
     def dataset_spec(self) -> DatasetSpec:
         assert self.source is not None
@@ -87,12 +97,24 @@ class BenchmarkSpec:
 
 
 @dataclass(frozen=True)
+class TrainSourceSpec(DatasetSpec):
+    """Where train and eval problems come from when not procedural: a question/answer table
+    (a dataset benchmark row's fields, read by the same loader); its split defaults to train."""
+
+    split: str = "train"
+
+
+@dataclass(frozen=True)
 class PrepareParams:
     seed: int = 0
     difficulty: int = 1  # digits per operand of the micro task
     terms: int | list[int] = 6  # operands per problem, or the counts to draw from per problem
+    letters: int = 0  # > 0: operands are code letters, a knowledge gap for pretrained models
     n_train: int = 20000
     n_eval: int = 500
+    # train/eval from a question/answer table instead of the micro task (difficulty and terms
+    # then unused): file, fsspec URL or hub id, with its column mapping
+    train_source: TrainSourceSpec | None = None
     benchmarks: list[BenchmarkSpec] = field(default_factory=list)
     out_dir: str = "data/problems"
 
@@ -102,7 +124,7 @@ class PrepareParams:
         if isinstance(self.terms, list) and not self.terms:
             raise ValueError("terms must be a count or a non-empty list of counts")
         for terms in self.term_counts:
-            ArithSpec(difficulty=self.difficulty, terms=terms)  # validates the knobs
+            ArithSpec(self.difficulty, terms, self.letters)  # validates the knobs
         names = [b.name for b in self.benchmarks]
         if len(set(names)) != len(names):
             raise ValueError(f"benchmark names must be unique, got {names}")
@@ -120,12 +142,14 @@ class PrepareParams:
             if len(counts) == 1
             else random.Random(f"{self.seed}/{split}/terms/{index}").choice(counts)
         )
-        return make_problem(ArithSpec(self.difficulty, terms), self.seed, split, index)
+        return make_problem(
+            ArithSpec(self.difficulty, terms, self.letters), self.seed, split, index
+        )
 
 
 def arith_benchmark(spec: BenchmarkSpec, seed: int, seen: set[str]) -> list[Problem]:
     """``spec.n`` fresh arith problems whose questions are not in ``seen`` (nor repeated)."""
-    arith = ArithSpec(difficulty=spec.difficulty, terms=spec.terms)
+    arith = ArithSpec(spec.difficulty, spec.terms, spec.letters)
     assert spec.n is not None
     # The split string feeds the RNG: "benchmark" gives a stream independent of train/eval.
     out, taken, index = [], set(seen), 0
@@ -145,10 +169,13 @@ def arith_benchmark(spec: BenchmarkSpec, seed: int, seen: set[str]) -> list[Prob
     return out
 
 
-def dataset_benchmark(spec: BenchmarkSpec, seen: set[str]) -> list[Problem]:
-    """The dataset's rows (first ``n``) minus questions already in train/eval or repeated."""
+def dataset_benchmark(
+    spec: BenchmarkSpec, seen: set[str], rows: list[Problem] | None = None
+) -> list[Problem]:
+    """The dataset's rows (first ``n``) minus questions already in train/eval or repeated
+    (``rows``: the dataset already loaded)."""
     out, taken = [], set(seen)
-    for p in load_problems(spec.dataset_spec()):
+    for p in rows if rows is not None else load_problems(spec.dataset_spec()):
         if p.question not in taken:
             taken.add(p.question)
             out.append(p)
@@ -159,7 +186,8 @@ def dataset_benchmark(spec: BenchmarkSpec, seen: set[str]) -> list[Problem]:
     return out
 
 
-def run(params: PrepareParams) -> dict[str, int]:
+def arith_splits(params: PrepareParams) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) of the micro task; a train draw that repeats an eval question is redrawn."""
     evaluation = [params.problem("eval", i) for i in range(params.n_eval)]
     held_out = {p.question for p in evaluation}
     train, index = [], 0
@@ -170,6 +198,47 @@ def run(params: PrepareParams) -> dict[str, int]:
             train.append(p)
     if index > params.n_train:
         log.info("skipped %d train draws that repeat an eval question", index - params.n_train)
+    return train, evaluation
+
+
+def source_splits(params: PrepareParams, avoid: set[str]) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) from ``train_source``: shuffled with the seed, without repeated questions
+    or any in ``avoid`` (the benchmarks'); eval first, then train, disjoint by construction."""
+    spec = params.train_source
+    assert spec is not None
+    rows = load_problems(spec)
+    usable, taken = [], set(avoid)
+    for p in rows:
+        if p.question not in taken:
+            taken.add(p.question)
+            usable.append(p)
+    # A string seed: the order depends on the seed and the rows, not on Python's hash salt.
+    random.Random(f"{params.seed}/train_source").shuffle(usable)
+    need = params.n_eval + params.n_train
+    if len(usable) < need:
+        raise ValueError(
+            f"prepare.train_source {spec.source!r}: {len(usable)} usable questions "
+            f"({len(rows) - len(usable)} of its {len(rows)} rows repeat a question or are in a "
+            f"benchmark), fewer than prepare.n_eval + prepare.n_train = {need}; lower "
+            f"prepare.n_train to at most {max(0, len(usable) - params.n_eval)}"
+        )
+    if len(rows) > len(usable):
+        log.info(
+            "train_source: dropped %d repeated or benchmark questions", len(rows) - len(usable)
+        )
+    return usable[params.n_eval : need], usable[: params.n_eval]
+
+
+def run(params: PrepareParams) -> dict[str, int]:
+    # Dataset benchmarks first: a bad one fails before anything is written, and a train_source
+    # leaves their questions out of train/eval so every benchmark keeps all its rows.
+    loaded = {b.name: load_problems(b.dataset_spec()) for b in params.benchmarks if b.source}
+    if params.train_source is None:
+        train, evaluation = arith_splits(params)
+    else:
+        avoid = {p.question for rows in loaded.values() for p in rows}
+        train, evaluation = source_splits(params, avoid)
+    held_out = {p.question for p in evaluation}
     out = Path(params.out_dir)
     write_table(problems_to_frame(train, "train"), out / "train.parquet", ProblemSchema)
     write_table(problems_to_frame(evaluation, "eval"), out / "eval.parquet", ProblemSchema)
@@ -189,7 +258,7 @@ def run(params: PrepareParams) -> dict[str, int]:
         if bench.source is None:
             problems = arith_benchmark(bench, params.seed, seen)
         else:
-            problems = dataset_benchmark(bench, seen)
+            problems = dataset_benchmark(bench, seen, loaded[bench.name])
         path = bench_dir / f"{bench.name}.parquet"
         write_table(problems_to_frame(problems, "benchmark"), path, ProblemSchema)
         counts[f"benchmark/{bench.name}"] = len(problems)

@@ -8,8 +8,10 @@ Reads ``data/eval/requests.parquet`` (EvalRequestSchema) and ``data/eval/models.
 * ``metrics.json``: ``modes.<mode>.<metric>`` (macro average over benchmarks),
   ``benchmarks.<name>.<mode>.<metric>``, ``gap_recovered``, ``cost_reduction_vs_matched_router``
   (teacher-token share, the paper's measure), ``cost_reduction_vs_matched_router_flops``, with
-  95 % Wilson intervals for every accuracy and ``notes`` saying why any number is null
-  (relaypipe/evaluate/report.py has the full shape);
+  95 % Wilson intervals for every accuracy, ``notes`` saying why any number is null
+  (nothing to compare: no matched router, a relay that never called, no gap) and ``warnings``
+  (those the earlier stages recorded in ``stage_metrics``, plus the report's own; they head
+  report.md) (relaypipe/evaluate/report.py has the full shape);
 * ``plots/tradeoff.json``: accuracy against call ratio for every mode and router p (DVC plot);
 * ``tradeoff.png``: the same drawn with matplotlib, per benchmark and averaged;
 * ``report.md``: the paper-shaped table (rows: modes; columns: benchmarks + average; call % in
@@ -34,6 +36,14 @@ from relaypipe.stages.common import stage_params
 
 log = logging.getLogger(__name__)
 
+# Where bootstrap, warmup_data, sft and grpo record their metrics (and warnings).
+STAGE_METRICS = (
+    "data/models/bootstrap.json",
+    "data/warmup/metrics.json",
+    "data/sft/metrics.json",
+    "data/grpo/metrics.json",
+)
+
 
 @dataclass(frozen=True)
 class Prices:
@@ -49,6 +59,8 @@ class ReportParams:
     confidence: float = 0.95  # of the Wilson intervals
     requests: str = "data/eval/requests.parquet"
     models: str = "data/eval/models.json"
+    # earlier stages' metrics: their ``warnings`` head report.md (a missing file is skipped)
+    stage_metrics: list[str] = field(default_factory=lambda: list(STAGE_METRICS))
     out_dir: str = "data/eval"
 
     def __post_init__(self) -> None:
@@ -71,11 +83,26 @@ def cost_models(models: dict, prices: Prices) -> dict[str, CostModel]:
         raise ValueError(f"models.json lacks {err}: re-run the evaluate stage") from err
 
 
+def stage_warnings(paths: list[str]) -> list[str]:
+    """The ``warnings`` that earlier stages recorded: runs kept with ``allow_degenerate``."""
+    out: list[str] = []
+    for path in paths:
+        if not Path(path).is_file():
+            log.info("%s not found: no warnings from it", path)
+            continue
+        warnings = read_json(path).get("warnings", [])
+        if not isinstance(warnings, list):
+            raise ValueError(f"{path}: 'warnings' must be a list of strings, got {warnings!r}")
+        out += [str(w) for w in warnings]
+    return out
+
+
 def run(params: ReportParams) -> dict:
     # Everything is computed before anything is written: a bad input leaves no partial report.
     requests = read_table(params.requests, EvalRequestSchema)
     models = cost_models(read_json(params.models), params.prices)
-    metrics = build_metrics(requests, models, params.confidence)
+    upstream = stage_warnings(params.stage_metrics)
+    metrics = build_metrics(requests, models, params.confidence, upstream)
     markdown = render_markdown(metrics, "python -m relaypipe.stages.report")
     png = render_png(metrics)
     out = Path(params.out_dir)
@@ -94,6 +121,9 @@ def run(params: ReportParams) -> dict:
         )
     }
     headline["accuracy"] = {m: v["accuracy"] for m, v in metrics["modes"].items()}
+    headline["warnings"] = metrics["warnings"]
+    for warning in metrics["warnings"]:
+        log.warning("%s", warning)
     return headline
 
 

@@ -2,13 +2,21 @@
 
 Run: ``python -m relaypipe.stages.sft`` (reads ``params.yaml:sft``) or ``dvc repro sft``.
 Loss on the completion only; ``params.yaml:sft.trainer`` is passed to trl's ``SFTConfig``
-as-is. Checkpoints go to ``data/checkpoints/sft`` every ``save_steps``; re-running after a
-crash or Ctrl-C resumes from the last one when params and inputs are unchanged.
+as-is: its keys are checked when the params are parsed and the whole config is built before
+any model is loaded (relaypipe/train/trainer_args.py). ``max_length`` is fitted to the longest
+row (prompt + completion + EOS) unless set; a value that would cut a row fails, naming it.
+``num_processes > 1`` trains under ``accelerate launch`` (relaypipe/train/launch.py); the
+check after training runs in this process. Checkpoints go to ``data/checkpoints/sft`` every
+``save_steps``; re-running after a crash or Ctrl-C resumes from the last one when params and
+inputs are unchanged.
 Writes ``data/models/warmup/``, ``data/sft/metrics.json`` (command parse rate and teacher-free
 accuracy against the bootstrap student, on eval problems) and DVCLive curves in ``data/sft/live``.
 The check's teacher is a model directory or, with ``teacher_url``/``teacher_model``, a served
 model (relaypipe/teacher.py). ``chat_template`` must match warmup_data's: the training prompts
-come from its table, the check's prompts from :func:`relaypipe.tasks.base.format_prompt`.
+come from its table, the check's prompts from :func:`relaypipe.tasks.base.format_prompt`
+(with ``chat_template_kwargs``, equal to warmup_data's too).
+A training run that leaves every weight as it was fails before the model is saved
+(relaypipe/checks.py; ``allow_degenerate: true`` keeps it, with ``warnings`` in metrics.json).
 """
 
 from __future__ import annotations
@@ -19,20 +27,37 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from datasets import Dataset
 from dvclive import Live
 from trl import SFTConfig, SFTTrainer
 
+from relaypipe.checks import enforce, unchanged_findings, weights_digest
 from relaypipe.evaluate.run import decode_problems, summarize
 from relaypipe.io import atomic_path, read_table, write_json
-from relaypipe.models import load_model
+from relaypipe.models import check_dtype, load_model, load_tokenizer, pick_device, trainer_precision
 from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.tasks.base import check_prompt_options
 from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
-from relaypipe.train.checkpoints import LiveCallback, file_digest, prepare_checkpoint_dir
+from relaypipe.train.checkpoints import LiveCallback, file_digest
+from relaypipe.train.launch import (
+    check_num_processes,
+    hand_back,
+    launched,
+    process_device,
+    resume_point,
+    train_in_processes,
+)
+from relaypipe.train.trainer_args import (
+    build_trainer_config,
+    check_trainer_keys,
+    example_lengths,
+    fit_max_length,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +65,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SFTParams:
     trainer: dict[str, Any] = field(default_factory=dict)  # trl SFTConfig fields, passed through
+    # > 1: train in that many processes under `accelerate launch` (one per GPU)
+    num_processes: int = 1
     eval_n: int = 200  # eval problems for the post-training check
+    # true: a model that training left unchanged is kept, with warnings in metrics.json and the
+    # report; false (default): the stage fails before saving it (relaypipe/checks.py)
+    allow_degenerate: bool = False
     max_new_tokens: int = 96
     device: str = "auto"
+    dtype: str = "auto"  # weights: auto (as saved) | float32 | bfloat16 | float16; trl follows
+    eval_batch_size: int = 100  # requests decoded together in the post-training check
     threads: int | None = None
     data: str = "data/warmup/sft.parquet"
     student: str = "data/models/student"
@@ -51,60 +83,136 @@ class SFTParams:
     teacher_model: str | None = None  # the model name served at teacher_url
     teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
     chat_template: bool = False  # the check's prompts; keep equal to warmup_data.chat_template
+    # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     eval_problems: str = "data/problems/eval.parquet"
     checkpoint_dir: str = "data/checkpoints/sft"
     out_model: str = "data/models/warmup"
     out_dir: str = "data/sft"
 
     def __post_init__(self) -> None:
+        check_prompt_options(self.chat_template, self.chat_template_kwargs)
         validate_teacher_options(self.teacher_url, self.teacher_model)
+        check_dtype(self.dtype)
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        check_trainer_keys(self.trainer, SFTConfig, "sft")
+        check_num_processes(self.num_processes, self.device)
 
 
-def train_sft(params: SFTParams) -> None:
-    table = read_table(params.data, SFTExampleSchema)
-    model, tok = load_model(params.student, device=params.device)
-    fingerprint = {
-        "params": asdict(params),
-        "data": file_digest(params.data),
-        "student": file_digest(params.student),
-    }
-    resume = prepare_checkpoint_dir(params.checkpoint_dir, fingerprint)
+def build_sft_config(
+    params: SFTParams,
+    device_type: str,
+    *,
+    precision: dict[str, bool] | None = None,
+    max_length: int | None = None,
+) -> SFTConfig:
+    """trl's ``SFTConfig`` exactly as the stage trains with it: the stage's defaults, then
+    ``sft.trainer``, then what the stage worked out: ``precision`` (``trainer_precision`` of the
+    loaded weights; before loading, None: bf16/fp16 only as ``sft.trainer`` sets them) and the
+    ``max_length`` fitted to the table (:func:`prepare_sft`)."""
     defaults = {
         "report_to": [],
         "save_strategy": "steps",
         "logging_steps": 10,
-        "use_cpu": model.device.type == "cpu",
-        "bf16": model.device.type == "cuda",  # trl defaults to bf16; CPU trains in float32
+        **(precision or {"bf16": False, "fp16": False}),
         "completion_only_loss": True,
         "disable_tqdm": False,
     }
-    args = SFTConfig(output_dir=params.checkpoint_dir, **{**defaults, **params.trainer})
-    live = Live(
-        dir=str(Path(params.out_dir) / "live"),
-        resume=bool(resume),
-        save_dvc_exp=False,
-        dvcyaml=None,
+    return build_trainer_config(
+        SFTConfig,
+        params.trainer,
+        stage="sft",
+        output_dir=params.checkpoint_dir,
+        device_type=device_type,
+        defaults=defaults,
+        overrides=None if max_length is None else {"max_length": max_length},
     )
-    trainer = SFTTrainer(
+
+
+def prepare_sft(params: SFTParams, device_type: str) -> tuple[pd.DataFrame, int | None]:
+    """What can fail before a model is loaded: the trainer config (built once to check every
+    key and value), the table, and a ``max_length`` that holds its longest row (trl's default
+    of 1024 would cut long rows before their answer and EOS). The table and that max_length."""
+    build_sft_config(params, device_type)
+    table = read_table(params.data, SFTExampleSchema)
+    lengths = example_lengths(
+        list(table.prompt), list(table.completion), load_tokenizer(params.student)
+    )
+    return table, fit_max_length(params.trainer, lengths, params.data)
+
+
+def make_sft_trainer(
+    model: Any, tok: Any, table: pd.DataFrame, args: SFTConfig, callbacks: list[Any] | None = None
+) -> SFTTrainer:
+    """The trainer on the table's prompt/completion rows (loss on the completion only)."""
+    return SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_pandas(table[["prompt", "completion"]], preserve_index=False),
         processing_class=tok,
-        callbacks=[LiveCallback(live)],
+        callbacks=callbacks or [],
     )
+
+
+def train_sft(params: SFTParams) -> list[str]:
+    """Train, check that training changed the model, save it; the warnings to record.
+
+    In several processes (launched by :func:`run`), each trains on its share of every batch
+    and only the main one writes the checkpoint fingerprint, the curves and the model."""
+    device = pick_device(process_device(params.device))
+    table, max_length = prepare_sft(params, device.type)
+    model, tok = load_model(params.student, device=str(device), dtype=params.dtype)
+    fingerprint = {
+        # allow_degenerate decides only what happens after training: a refused run resumes
+        "params": {k: v for k, v in asdict(params).items() if k != "allow_degenerate"},
+        "data": file_digest(params.data),
+        "student": file_digest(params.student),
+    }
+    args = build_sft_config(
+        params,
+        device.type,
+        precision=trainer_precision(model, params.trainer, "sft"),  # bf16/fp16 from the weights
+        max_length=max_length,
+    )
+    resume = resume_point(args, params.checkpoint_dir, fingerprint)
+    main = args.process_index == 0
+    live = (
+        Live(
+            dir=str(Path(params.out_dir) / "live"),
+            resume=bool(resume),
+            save_dvc_exp=False,
+            dvcyaml=None,
+        )
+        if main
+        else None
+    )
+    trainer = make_sft_trainer(
+        model, tok, table, args, callbacks=[LiveCallback(live)] if live else None
+    )
+    before = weights_digest(model)
     trainer.train(resume_from_checkpoint=resume)
-    live.end()
-    with atomic_path(params.out_model, directory=True) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
+    if live is not None:
+        live.end()
+    after = weights_digest(trainer.model)
+    findings = unchanged_findings(
+        before, after, stage="sft", source=params.student, target=params.out_model
+    )
+    kept = f" (the curves of this run are in {Path(params.out_dir) / 'live'})"
+    warnings = enforce(findings, stage="sft", allow=params.allow_degenerate, kept=kept)
+    if main:
+        with atomic_path(params.out_model, directory=True) as tmp:
+            trainer.model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
+    return warnings
 
 
 def check_warmup(params: SFTParams) -> dict:
     """Teacher-free accuracy before/after warm-up and how many emitted commands parse."""
     problems = frame_to_problems(read_table(params.eval_problems, ProblemSchema))[: params.eval_n]
-    base, tok = load_model(params.student, device=params.device)
-    warm, _ = load_model(params.out_model, device=params.device)
+    base, tok = load_model(params.student, device=params.device, dtype=params.dtype)
+    warm, _ = load_model(params.out_model, device=params.device, dtype=params.dtype)
     metrics: dict[str, Any] = {}
     with build_teacher(
         params.teacher,
@@ -113,6 +221,7 @@ def check_warmup(params: SFTParams) -> dict:
         model_name=params.teacher_model,
         http=params.teacher_http,
         device=params.device,
+        dtype=params.dtype,
     ) as teacher:
         for name, model, mode in (
             ("bootstrap", base, "student"),
@@ -122,7 +231,12 @@ def check_warmup(params: SFTParams) -> dict:
             dec = RelayDecoder(TransformersBackend(model), teacher.backend, tok)
             cfg = RelayConfig(mode=mode, max_new_tokens=params.max_new_tokens)
             graded = decode_problems(
-                dec, problems, cfg, batch_size=100, chat_template=params.chat_template
+                dec,
+                problems,
+                cfg,
+                batch_size=params.eval_batch_size,
+                chat_template=params.chat_template,
+                chat_template_kwargs=params.chat_template_kwargs,
             )
             metrics[name] = summarize(graded)
     metrics["accuracy_drop_teacher_free"] = round(
@@ -134,8 +248,16 @@ def check_warmup(params: SFTParams) -> dict:
 def run(params: SFTParams) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
-    train_sft(params)
+    if launched():  # one of the processes started below: train, hand back the warnings
+        hand_back(train_sft(params))
+        return {}
+    if params.num_processes > 1:
+        prepare_sft(params, pick_device(params.device).type)  # fail here, before launching
+        warnings = train_in_processes("relaypipe.stages.sft", "sft", params, params.num_processes)
+    else:
+        warnings = train_sft(params)
     metrics = check_warmup(params)
+    metrics["warnings"] = warnings
     write_json(Path(params.out_dir) / "metrics.json", metrics)
     return metrics
 

@@ -7,6 +7,9 @@ solutions (graded by the shared grader), inserts 0-``max_commands`` ``<call>n</c
 ``data/warmup/sft.parquet`` (SFTExampleSchema) and ``data/warmup/metrics.json``.
 Departs from the reference: commands carry n; the prompt is the one every stage uses
 (``chat_template``: the tokenizer's chat form, as in sft, grpo and evaluation).
+A table made only of reference solutions (``top_up_with_reference`` with a student that got
+nothing right) or with no command inserted is refused before anything is written
+(``allow_degenerate: true`` keeps it, with ``warnings`` in metrics.json).
 The teacher is loaded only for the ``disagreement`` policy, and must then be in-process
 weights: the policy compares its logits with the student's at every position, which a served
 teacher (``teacher_url`` in other stages) does not return.
@@ -16,18 +19,21 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
+from relaypipe.checks import enforce, warmup_findings
 from relaypipe.io import read_table, write_json, write_table
-from relaypipe.models import load_model
+from relaypipe.models import check_dtype, load_model
 from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayDecoder
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.tasks.base import check_prompt_options
 from relaypipe.teacher import build_teacher
 from relaypipe.train.sampling import sample_k
 from relaypipe.train.warmup import InsertSpec, build_warmup_example
@@ -50,13 +56,24 @@ class WarmupDataParams:
     # (counted in the metrics); otherwise the stage fails and says so.
     min_examples: int = 1
     top_up_with_reference: bool = False
+    # A table of reference rows only (no own right answer) or with no command in it teaches
+    # nothing the method needs: the stage fails (relaypipe/checks.py) unless this is true, which
+    # keeps it with warnings in metrics.json and the report.
+    allow_degenerate: bool = False
     device: str = "auto"
+    dtype: str = "auto"  # weights: auto (as saved) | float32 | bfloat16 | float16
     threads: int | None = None
     problems: str = "data/problems/train.parquet"
     student: str = "data/models/student"
     teacher: str = "data/models/teacher"  # used by the disagreement policy only
     chat_template: bool = False  # frame prompts with the tokenizer's chat template
+    # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     out_dir: str = "data/warmup"
+
+    def __post_init__(self) -> None:
+        check_prompt_options(self.chat_template, self.chat_template_kwargs)
+        check_dtype(self.dtype)
 
 
 def run(params: WarmupDataParams) -> dict:
@@ -64,7 +81,7 @@ def run(params: WarmupDataParams) -> dict:
         torch.set_num_threads(params.threads)
     frame = read_table(params.problems, ProblemSchema)
     problems = frame_to_problems(frame.iloc[params.offset : params.offset + params.n_problems])
-    student, tok = load_model(params.student, device=params.device)
+    student, tok = load_model(params.student, device=params.device, dtype=params.dtype)
     backend = TransformersBackend(student)
     samples = sample_k(
         RelayDecoder(backend, backend, tok),
@@ -76,12 +93,13 @@ def run(params: WarmupDataParams) -> dict:
         seed=params.seed,
         batch_size=params.batch_size,
         chat_template=params.chat_template,
+        chat_template_kwargs=params.chat_template_kwargs,
     )
     teacher = None
     if params.insert.policy == "disagreement":
         # build_teacher refuses a directory that stands for a served teacher, and a teacher
         # whose tokenizer differs (positions are compared token by token).
-        teacher = build_teacher(params.teacher, tok, device=params.device).model
+        teacher = build_teacher(params.teacher, tok, device=params.device, dtype=params.dtype).model
     rng = random.Random(params.insert.seed)
     rows, seen = [], set()
     for problem, graded in zip(problems, samples, strict=True):
@@ -98,6 +116,7 @@ def run(params: WarmupDataParams) -> dict:
                 student,
                 teacher,
                 chat_template=params.chat_template,
+                chat_template_kwargs=params.chat_template_kwargs,
             )
             rows.append(
                 {
@@ -120,6 +139,7 @@ def run(params: WarmupDataParams) -> dict:
                 student,
                 teacher,
                 chat_template=params.chat_template,
+                chat_template_kwargs=params.chat_template_kwargs,
             )
             rows.append(
                 {
@@ -139,7 +159,7 @@ def run(params: WarmupDataParams) -> dict:
             "warmup_data.top_up_with_reference: true."
         )
     table = pd.DataFrame(rows)
-    write_table(table, Path(params.out_dir) / "sft.parquet", SFTExampleSchema)
+    out = Path(params.out_dir)
     n_samples = len(problems) * params.samples_per_problem
     metrics = {
         "n_examples": len(table),
@@ -147,7 +167,17 @@ def run(params: WarmupDataParams) -> dict:
         "student_sample_accuracy": round(sum(g.correct for s in samples for g in s) / n_samples, 4),
         "commands_per_example": round(float(table.n_commands.mean()), 3),
     }
-    write_json(Path(params.out_dir) / "metrics.json", metrics)
+    findings = warmup_findings(
+        len(table),
+        n_own,
+        int(table.n_commands.sum()),
+        n_samples=n_samples,
+        where=str(out / "sft.parquet"),
+    )
+    # Checked before anything is written: a refused table leaves the previous one in place.
+    metrics["warnings"] = enforce(findings, stage="warmup_data", allow=params.allow_degenerate)
+    write_table(table, out / "sft.parquet", SFTExampleSchema)
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 

@@ -11,11 +11,14 @@ Two forms, chosen by the stages' ``chat_template`` parameter:
   appended (an instruct model such as SmolLM2-Instruct or Qwen3 answers best in the format it
   was tuned on). A tokenizer without a chat template (the micro character tokenizer) falls
   back to the plain form, so one setting can serve every preset; the fallback is logged once.
+  ``chat_template_kwargs`` (a stage param next to ``chat_template``) are passed to the template,
+  e.g. ``{enable_thinking: false}`` for Qwen3's non-thinking mode, as the reference code does.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -51,7 +54,22 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(question: str, tokenizer: Any = None, *, chat_template: bool = False) -> str:
+def check_prompt_options(chat_template: bool, chat_template_kwargs: Mapping[str, Any]) -> None:
+    """For a stage's ``__post_init__``: template kwargs without a template are a mistake."""
+    if chat_template_kwargs and not chat_template:
+        raise ValueError(
+            f"chat_template_kwargs {dict(chat_template_kwargs)} need chat_template: true (the "
+            "plain Q:/A: prompt has no template to pass them to)"
+        )
+
+
+def format_prompt(
+    question: str,
+    tokenizer: Any = None,
+    *,
+    chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> str:
     """The prompt text for a question; the same in every stage.
 
     With ``chat_template`` and a tokenizer that has one, the question (plus
@@ -59,7 +77,13 @@ def format_prompt(question: str, tokenizer: Any = None, *, chat_template: bool =
     ``tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)``; the
     result contains the template's special tokens as text, so callers tokenize it with
     ``add_special_tokens=False`` as they do the plain form. Otherwise: the plain template.
+
+    ``chat_template_kwargs`` are extra variables for the template (Qwen3's
+    ``{"enable_thinking": false}``): every stage passes its ``chat_template_kwargs`` param, so
+    warm-up, GRPO and evaluation show the model the same rendering. They are refused without
+    ``chat_template`` (they would be silently ignored by the plain form).
     """
+    check_prompt_options(chat_template, chat_template_kwargs or {})
     if chat_template:
         if tokenizer is None:
             raise ValueError("chat_template=True needs the tokenizer whose template to apply")
@@ -69,6 +93,7 @@ def format_prompt(question: str, tokenizer: Any = None, *, chat_template: bool =
                 [{"role": "user", "content": content}],
                 add_generation_prompt=True,
                 tokenize=False,
+                **(chat_template_kwargs or {}),
             )
         if id(tokenizer) not in _warned_no_template:
             _warned_no_template.add(id(tokenizer))

@@ -3,8 +3,9 @@
 Every function grades with :func:`relaypipe.tasks.grading.is_correct` (the evaluation grader)
 on ``reader_text`` when the rollout supplies it (relaypipe/train/rollout.py: the completion with
 its commands removed, as evaluation reads it; trl's own ``completions`` are decoded with
-``skip_special_tokens``, which keeps a command's body as if it were answer text), and reads the rollout's *delivered* token counts (``teacher_tokens``, ``generated_tokens``),
-never the n the student asked for. The difficulty-aware reward is decided **per prompt group**
+``skip_special_tokens``, which keeps a command's body as if it were answer text), and reads
+the rollout's *delivered* token counts (``teacher_tokens``, ``generated_tokens``), never the n
+the student asked for. The difficulty-aware reward is decided **per prompt group**
 (all completions of the same ``problem_id`` in the batch), not over the whole batch as the
 reference implementation does. Its table (DESIGN.md §1; call_ratio = teacher / generated,
 capped at 1; "called" = the teacher delivered at least one token):

@@ -3,7 +3,8 @@ and the warm-up data (student)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from relaypipe.evaluate.run import Graded, decode_problems
 from relaypipe.relay.backends import Sampling
@@ -22,6 +23,7 @@ def sample_k(
     seed: int,
     batch_size: int = 64,
     chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[list[Graded]]:
     """``k`` sampled, graded completions per problem (``mode``: "student" or "teacher")."""
     sampling = Sampling(temperature=temperature)
@@ -40,5 +42,6 @@ def sample_k(
         batch_size=batch_size,
         desc=f"sample {mode}",
         chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs,
     )
     return [graded[i * k : (i + 1) * k] for i in range(len(problems))]

@@ -21,8 +21,9 @@ student wrote it.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -145,13 +146,16 @@ def build_warmup_example(
     teacher: PreTrainedModel | None = None,
     *,
     chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[str, str, list[int]]:
     """(prompt, completion with commands, the inserted n values) for one right answer.
 
-    The prompt is :func:`format_prompt`'s (``chat_template``: the tokenizer's chat form), the
-    same text GRPO and evaluation will show the student.
+    The prompt is :func:`format_prompt`'s (``chat_template``: the tokenizer's chat form, with
+    ``chat_template_kwargs``), the same text GRPO and evaluation will show the student.
     """
-    prompt = format_prompt(question, tokenizer, chat_template=chat_template)
+    prompt = format_prompt(
+        question, tokenizer, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
+    )
     comp_ids = tokenizer(completion, add_special_tokens=False).input_ids
     if spec.policy == "uncertainty":
         if student is None:
