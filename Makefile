@@ -2,6 +2,8 @@
 #   make run    set up .venv if needed, then `dvc repro` the default (micro) preset, with one
 #               local Prefect server for all its stages (python -m flows repro; see
 #               docs/orchestration.md). Extra dvc repro arguments: make run ARGS="-f grpo"
+#               Another preset: make run PRESET=smollm2-cpu (params.yaml <- presets/NAME.yaml;
+#               PRESET=micro goes back to the default)
 #   make test   set up .venv if needed, then the test suite
 #
 # TORCH_SPEC picks the torch build installed before everything else. The default is the
@@ -11,6 +13,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+PRESET ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.relaypipe-installed
 
@@ -26,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" python -m flows repro $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" python -m flows repro $(if $(PRESET),--preset $(PRESET)) $(ARGS)
 
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest

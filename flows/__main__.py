@@ -1,6 +1,7 @@
 """``python -m flows``: run DVC with one Prefect server for the whole run, or the pipeline flow.
 
     python -m flows repro [dvc repro args]    # what `make run` does
+    python -m flows repro --preset smollm2-cpu  # params.yaml <- presets/smollm2-cpu.yaml first
     python -m flows exec -- dvc exp run -S grpo.cost_weight=0.3
     python -m flows pipeline --set grpo.cost_weight=0.3 [--target grpo] [--no-push]
     python -m flows stages                    # the stage -> module registry
@@ -72,10 +73,58 @@ def with_server(cmd: Sequence[str]) -> int:
             return 130
 
 
+PRESETS_DIR = "presets"
+
+
+class PresetError(ValueError):
+    """A preset that cannot be applied; the message says why and what to do."""
+
+
+def apply_preset(name: str, repo: str = ".") -> bool:
+    """Make ``params.yaml`` the preset ``presets/<name>.yaml``; True when it changed.
+
+    params.yaml is only replaced when it holds no edits of the user's own: when it equals a
+    preset file already (including the one asked for) or is unchanged since the last commit.
+    Anything else is refused, so switching presets never loses work. DVC then sees the new
+    params like any other edit: ``dvc exp show`` and ``dvc params diff`` show what changed.
+    """
+    from pathlib import Path
+
+    root = Path(repo)
+    presets = sorted(p.stem for p in (root / PRESETS_DIR).glob("*.yaml"))
+    source = root / PRESETS_DIR / f"{name}.yaml"
+    if name not in presets:
+        raise PresetError(f"no preset {name!r}; choose one of {', '.join(presets)}")
+    params = root / "params.yaml"
+    wanted = source.read_text()
+    current = params.read_text() if params.exists() else ""
+    if current == wanted:
+        return False
+    known = {(root / PRESETS_DIR / f"{p}.yaml").read_text() for p in presets}
+    committed = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True
+    )
+    if committed.returncode == 0:
+        known.add(committed.stdout)
+    if current and current not in known:
+        raise PresetError(
+            "params.yaml has edits of your own (it matches no preset and differs from the last "
+            "commit); commit or save them first, then apply the preset again, or run "
+            f"`cp {source} params.yaml` yourself"
+        )
+    tmp = params.with_name(".params.yaml.tmp")
+    tmp.write_text(wanted)
+    os.replace(tmp, params)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     repro = sub.add_parser("repro", help="dvc repro with one Prefect server for all stages")
+    repro.add_argument(
+        "--preset", help="make params.yaml presets/NAME.yaml first (micro: the default)"
+    )
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro")
     run = sub.add_parser("exec", help="any command with one Prefect server (after --)")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -98,6 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
     if args.command == "repro":
+        if args.preset:
+            try:
+                changed = apply_preset(args.preset)
+            except PresetError as err:
+                print(f"python -m flows: {err}", file=sys.stderr)
+                return 2
+            if changed:
+                print(
+                    f"params.yaml is now presets/{args.preset}.yaml "
+                    "(make run PRESET=micro goes back to the default)",
+                    file=sys.stderr,
+                )
         dvc_args = [*unknown, *args.dvc_args]
         if not dvc_args and dvc_up_to_date():
             print("every stage is up to date", file=sys.stderr)

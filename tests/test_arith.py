@@ -60,3 +60,28 @@ def test_spec_rejects_bad_knobs():
         ArithSpec(difficulty=0)
     with pytest.raises(ValueError, match="terms"):
         ArithSpec(terms=1)
+
+
+def test_code_letters_stand_for_fixed_digits():
+    from relaypipe.tasks.arith import CODE_VALUES
+
+    # Fixed for good: models trained in one run must find the same values in the next.
+    assert (CODE_VALUES["a"], CODE_VALUES["q"], CODE_VALUES["v"], CODE_VALUES["z"]) == (2, 0, 3, 8)
+    assert sorted(set(CODE_VALUES.values())) == list(range(10))
+    spec = ArithSpec(difficulty=1, terms=3, letters=26)
+    assert spec.name == "arith-d1t3l26"
+    for p in generate(spec, 50, seed=0, split="train"):
+        names = p.question.split("+")
+        assert len(names) == 3 and all(n.isalpha() and len(n) == 1 for n in names)
+        assert (p.solution, p.answer) == worked_solution([CODE_VALUES[n] for n in names])
+        assert is_correct(p.solution, p.answer)
+    assert generate(spec, 5, seed=0, split="train") == generate(spec, 5, seed=0, split="train")
+    few = generate(ArithSpec(difficulty=1, terms=3, letters=3), 30, seed=0, split="t")
+    assert {c for p in few for c in p.question.split("+")} <= {"a", "b", "c"}
+
+
+def test_code_letters_are_one_digit_values_of_a_known_alphabet():
+    with pytest.raises(ValueError, match="difficulty must be 1"):
+        ArithSpec(difficulty=2, terms=3, letters=5)
+    with pytest.raises(ValueError, match=r"letters must be 0\.\.26"):
+        ArithSpec(difficulty=1, terms=3, letters=27)

@@ -37,8 +37,16 @@ def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+PROMPT_STAGES = ("bootstrap", "filter", "warmup_data", "sft", "grpo", "evaluate")
+
+
 def test_the_presets_are_there():
-    assert {p.name for p in PRESETS} >= {"smollm2-cpu.yaml", "paper-gpu.yaml"}
+    assert {p.name for p in PRESETS} >= {"micro.yaml", "smollm2-cpu.yaml", "paper-gpu.yaml"}
+
+
+def test_params_yaml_is_the_micro_preset():
+    """`make run` alone runs params.yaml; `make run PRESET=micro` must restore the same file."""
+    assert (ROOT / "params.yaml").read_text() == (ROOT / "presets" / "micro.yaml").read_text()
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -51,14 +59,19 @@ def test_every_stage_section_builds(path):
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
-def test_presets_use_pretrained_models_with_their_chat_template(path):
+def test_every_stage_shows_the_same_prompt_and_bounds(path):
     config = load(path)
-    boot = build(params_class("bootstrap"), config["bootstrap"], "bootstrap")
-    assert boot.kind == "pretrained"
-    for stage in ("bootstrap", "filter", "warmup_data", "sft", "grpo", "evaluate"):
-        assert config[stage].get("chat_template") is True, f"{path.name}:{stage}"
+    # one prompt format in every stage: the chat template everywhere or nowhere
+    forms = {config[stage].get("chat_template", False) for stage in PROMPT_STAGES}
+    assert len(forms) == 1, f"{path.name}: chat_template differs between stages"
     # evaluation decodes under the bounds the student was trained under
     assert config["evaluate"]["relay"] == config["grpo"]["relay"]
+
+
+def test_paper_preset_uses_the_chat_template_of_its_pretrained_models():
+    config = load(ROOT / "presets" / "paper-gpu.yaml")
+    assert build(params_class("bootstrap"), config["bootstrap"], "bootstrap").kind == "pretrained"
+    assert all(config[stage]["chat_template"] is True for stage in PROMPT_STAGES)
 
 
 def test_smollm2_preset_needs_no_hub():
@@ -68,6 +81,48 @@ def test_smollm2_preset_needs_no_hub():
     for stage in STAGES:
         assert "teacher_url" not in config[stage]  # everything in-process on the CPU
     assert all("source" not in b for b in config["prepare"]["benchmarks"])  # procedural
+    # the knowledge gap is a set of code letters the student never sees, all on the benchmarks
+    assert config["prepare"]["letters"] == 26
+    assert all(b["letters"] == 26 and b["n"] >= 200 for b in config["prepare"]["benchmarks"])
+    assert config["bootstrap"]["student_train"]["withhold"] == r"\b[v-z]\b"
+    assert "withhold" not in config["bootstrap"]["teacher_train"]
+
+
+def _repo_with_presets(tmp_path: Path) -> Path:
+    import subprocess
+
+    (tmp_path / "presets").mkdir()
+    for name in ("micro", "other"):
+        (tmp_path / "presets" / f"{name}.yaml").write_text(f"prepare: {{seed: 0}}  # {name}\n")
+    (tmp_path / "params.yaml").write_text((tmp_path / "presets" / "micro.yaml").read_text())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    return tmp_path
+
+
+def test_a_preset_replaces_params_yaml_and_back(tmp_path):
+    from flows.__main__ import apply_preset
+
+    repo = _repo_with_presets(tmp_path)
+    assert apply_preset("other", str(repo)) is True
+    assert "# other" in (repo / "params.yaml").read_text()
+    assert apply_preset("other", str(repo)) is False  # already there
+    assert apply_preset("micro", str(repo)) is True
+    assert "# micro" in (repo / "params.yaml").read_text()
+
+
+def test_a_preset_never_overwrites_edits_of_ones_own(tmp_path):
+    from flows.__main__ import PresetError, apply_preset
+
+    repo = _repo_with_presets(tmp_path)
+    (repo / "params.yaml").write_text("prepare: {seed: 7}  # my experiment\n")
+    with pytest.raises(PresetError, match="edits of your own"):
+        apply_preset("other", str(repo))
+    assert "my experiment" in (repo / "params.yaml").read_text()  # untouched
+    with pytest.raises(PresetError, match="no preset 'nope'; choose one of micro, other"):
+        apply_preset("nope", str(repo))
 
 
 def test_paper_preset_names_the_six_benchmarks_with_their_columns():

@@ -81,3 +81,13 @@ def test_withhold_refuses_a_bad_pattern_and_one_that_leaves_nothing():
     problems = generate(ArithSpec(difficulty=1, terms=4), 20, seed=5, split="t")
     with pytest.raises(ValueError, match="leaves no training problem"):
         withhold_problems(problems, r"Answer")
+
+
+def test_withhold_matches_the_question_too():
+    """The smollm2-cpu student never sees a question naming v-z (the answer line's 'w' of
+    "Answer" must not count: the pattern is a whole-word letter)."""
+    problems = generate(ArithSpec(difficulty=1, terms=3, letters=26), 300, seed=0, split="t")
+    kept = withhold_problems(problems, r"\b[v-z]\b")
+    assert 0 < len(kept) < len(problems)
+    assert all(not set(p.question.split("+")) & set("vwxyz") for p in kept)
+    assert len(kept) == sum(not set(p.question.split("+")) & set("vwxyz") for p in problems)
