@@ -157,7 +157,8 @@ def warmup_findings(
             f"warmup_data: no <call>n</call> command was inserted in any of the {n_examples} "
             f"warm-up examples ({where}, commands_per_example = 0): SFT would never show the "
             "student the command. Raise warmup_data.insert.max_commands (policies random, "
-            "disagreement) or warmup_data.insert.threshold (policy uncertainty)"
+            "disagreement) or warmup_data.insert.threshold (policy uncertainty); under policy "
+            "mistakes the student already writes every reference token itself: it has no gap"
         )
     return findings
 

@@ -90,12 +90,13 @@ class SFTExampleSchema(pa.DataFrameModel):
     problem_id: Series[str] = pa.Field(str_length={"min_value": 1})
     # The exact prompt text (relaypipe.tasks.base.format_prompt), as every stage shows it.
     prompt: Series[str] = pa.Field(str_length={"min_value": 1})
-    # The completion with its <call>n</call> commands; what the SFT loss is computed on.
+    # The completion with its <call>n</call> commands; what the SFT loss is computed on (policy
+    # mistakes: except the n tokens after each command, which the teacher wrote).
     completion: Series[str] = pa.Field(str_length={"min_value": 1})
     # How many commands were inserted (0..max_commands).
     n_commands: Series[int] = pa.Field(ge=0)
     # Which insertion policy produced the row (relaypipe.train.warmup.POLICIES).
-    policy: Series[str] = pa.Field(isin=["random", "disagreement", "uncertainty"])
+    policy: Series[str] = pa.Field(isin=["random", "disagreement", "uncertainty", "mistakes"])
 
     class Config:
         strict = True

@@ -237,3 +237,74 @@ def test_grpo_trainer_with_relay_rollouts(tokenizer, tiny_models, tmp_path):
     assert any("relay/teacher_share" in h and h["relay/teacher_share"] > 0 for h in logs)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "GRPO changed no parameter"
+
+
+class _Knows:
+    """A scripted student: teacher-forced, its greedy choice is the next token of ``text``
+    except at the completion positions in ``gaps``, where it picks another token."""
+
+    def __init__(self, vocab: int, prompt_len: int, gaps: set[int]):
+        self.vocab, self.prompt_len, self.gaps = vocab, prompt_len, gaps
+
+    def __call__(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        ids = input_ids[0].tolist()
+        logits = torch.zeros(1, len(ids), self.vocab)
+        for j in range(len(ids) - 1):  # position j predicts token j + 1
+            i = j + 1 - self.prompt_len  # completion index of that token
+            logits[0, j, (ids[j + 1] + (i in self.gaps)) % self.vocab] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize(
+    ("gaps", "expected"),
+    [
+        ({3}, [(3, 1)]),  # one unknown token: one call for 1
+        ({0, 7, 8}, [(0, 1), (7, 2)]),  # the very first token, then a run of two
+        ({2, 3, 4}, [(2, 2), (4, 1)]),  # a run longer than the largest n: split
+        (set(), []),  # a student that writes the reference itself never calls
+    ],
+)
+def test_mistakes_policy_calls_before_every_token_the_student_would_get_wrong(
+    tokenizer, gaps, expected
+):
+    from relaypipe.train.warmup import mistake_spans
+
+    p_ids = tokenizer("Q: 7+5+9\nA: ", add_special_tokens=False).input_ids
+    c_ids = tokenizer(SOLUTION, add_special_tokens=False).input_ids
+    student = _Knows(len(tokenizer), len(p_ids), gaps)
+    assert mistake_spans(p_ids, c_ids, student, (1, 2)) == expected
+    spec = InsertSpec(policy="mistakes", max_commands=9, n_values=(1, 2))
+    _, completion, ns = build_warmup_example(
+        "7+5+9", SOLUTION, tokenizer, spec, random.Random(0), student
+    )
+    assert strip_calls(completion) == SOLUTION and ns == [n for _, n in expected]
+    if expected:  # the command sits right before the first token it covers
+        q, n = expected[0]
+        assert completion.startswith(SOLUTION[:q] + f"<call>{n}</call>")
+    with pytest.raises(ValueError, match="needs the student model"):
+        build_warmup_example("1", SOLUTION, tokenizer, spec, random.Random(3))
+
+
+def test_sft_keeps_the_teachers_tokens_of_mistakes_rows_out_of_the_loss(tokenizer):
+    import pandas as pd
+
+    from relaypipe.stages.sft import sft_dataset
+
+    rows = pd.DataFrame(
+        {
+            "prompt": ["Q: 7+5\nA: "] * 2,
+            "completion": ["7+<call>2</call>5=12\nAnswer: 12", "7+<call>2</call>5=12\nAnswer: 12"],
+            "policy": ["mistakes", "random"],
+        }
+    )
+    data = sft_dataset(rows, tokenizer)
+    p_len = len(tokenizer("Q: 7+5\nA: ", add_special_tokens=False).input_ids)
+    for row, policy in zip(data, rows.policy, strict=True):
+        ids, mask = row["input_ids"], row["completion_mask"]
+        assert ids[-1] == tokenizer.eos_token_id and mask[:p_len] == [0] * p_len
+        masked = tokenizer.decode([t for t, m in zip(ids[p_len:], mask[p_len:]) if m == 0])
+        # mistakes: the 2 tokens after the command ("5=") are the teacher's; random: none
+        assert masked == ("5=" if policy == "mistakes" else "")
+    # a table with no teacher-written row stays prompt/completion text, as trl tokenizes it
+    text = sft_dataset(rows[rows.policy == "random"], tokenizer)
+    assert set(text.column_names) == {"prompt", "completion"}

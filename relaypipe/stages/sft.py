@@ -39,6 +39,7 @@ from relaypipe.io import atomic_path, read_table, write_json
 from relaypipe.models import check_dtype, load_model, load_tokenizer, pick_device, trainer_precision
 from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.tasks.base import check_prompt_options
@@ -58,6 +59,7 @@ from relaypipe.train.trainer_args import (
     example_lengths,
     fit_max_length,
 )
+from relaypipe.train.warmup import TEACHER_WRITTEN, teacher_token_mask
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +144,39 @@ def prepare_sft(params: SFTParams, device_type: str) -> tuple[pd.DataFrame, int 
     return table, fit_max_length(params.trainer, lengths, params.data)
 
 
+def sft_dataset(table: pd.DataFrame, tok: Any) -> Dataset:
+    """trl's training rows: prompt/completion text, or, when some rows' called tokens were
+    written by the teacher (policy ``mistakes``), token ids with a ``completion_mask`` that
+    keeps those tokens out of the loss, as GRPO's ``env_mask`` does: the student learns where
+    to ask, not the answers it asks for. Prompts are tokenized as every decode does (no added
+    special tokens); trl appends nothing to pre-tokenized rows, so the EOS is added here."""
+    if not table.policy.isin(TEACHER_WRITTEN).any():
+        return Dataset.from_pandas(table[["prompt", "completion"]], preserve_index=False)
+    open_id, close_id = tok.convert_tokens_to_ids([CALL_OPEN, CALL_CLOSE])
+    ids, masks = [], []
+    for prompt, completion, policy in zip(
+        table.prompt, table.completion, table.policy, strict=True
+    ):
+        prompt_ids = tok(prompt, add_special_tokens=False).input_ids
+        completion_ids = [*tok(completion, add_special_tokens=False).input_ids, tok.eos_token_id]
+        mask = (
+            teacher_token_mask(completion_ids, open_id, close_id, tok.decode)
+            if policy in TEACHER_WRITTEN
+            else [1] * len(completion_ids)
+        )
+        ids.append(prompt_ids + completion_ids)
+        masks.append([0] * len(prompt_ids) + mask)
+    return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
+
+
 def make_sft_trainer(
     model: Any, tok: Any, table: pd.DataFrame, args: SFTConfig, callbacks: list[Any] | None = None
 ) -> SFTTrainer:
-    """The trainer on the table's prompt/completion rows (loss on the completion only)."""
+    """The trainer on the table's rows (loss on the completion only; :func:`sft_dataset`)."""
     return SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_pandas(table[["prompt", "completion"]], preserve_index=False),
+        train_dataset=sft_dataset(table, tok),
         processing_class=tok,
         callbacks=callbacks or [],
     )

@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from relaypipe.checks import enforce, warmup_findings
 from relaypipe.io import read_table, write_json, write_table
@@ -33,7 +34,7 @@ from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayDecoder
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
-from relaypipe.tasks.base import check_prompt_options
+from relaypipe.tasks.base import Problem, check_prompt_options
 from relaypipe.teacher import build_teacher
 from relaypipe.train.sampling import sample_k
 from relaypipe.train.warmup import InsertSpec, build_warmup_example
@@ -82,6 +83,91 @@ def run(params: WarmupDataParams) -> dict:
     frame = read_table(params.problems, ProblemSchema)
     problems = frame_to_problems(frame.iloc[params.offset : params.offset + params.n_problems])
     student, tok = load_model(params.student, device=params.device, dtype=params.dtype)
+    if params.insert.policy == "mistakes":
+        rows, dropped = reference_rows(params, problems, student, tok)
+        n_own, n_samples, accuracy = len(rows), 0, None
+    else:
+        rows, n_own, accuracy = sampled_rows(params, problems, student, tok)
+        n_samples, dropped = len(problems) * params.samples_per_problem, 0
+    table = pd.DataFrame(rows)
+    out = Path(params.out_dir)
+    metrics = {
+        "n_examples": len(table),
+        "n_reference_examples": len(table) - n_own,
+        "student_sample_accuracy": accuracy,  # null for mistakes: nothing is sampled
+        "commands_per_example": round(float(table.n_commands.mean()), 3),
+    }
+    if params.insert.policy == "mistakes":
+        # rows the student would write alone (greedy, teacher-forced), and rows left out
+        metrics["rows_without_mistakes"] = int((table.n_commands == 0).sum())
+        metrics["dropped_over_max_commands"] = dropped
+    findings = warmup_findings(
+        len(table),
+        n_own,
+        int(table.n_commands.sum()),
+        n_samples=n_samples,
+        where=str(out / "sft.parquet"),
+    )
+    # Checked before anything is written: a refused table leaves the previous one in place.
+    metrics["warnings"] = enforce(findings, stage="warmup_data", allow=params.allow_degenerate)
+    write_table(table, out / "sft.parquet", SFTExampleSchema)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _row(problem: Problem, prompt: str, completion: str, ns: list[int], policy: str) -> dict:
+    return {
+        "problem_id": problem.problem_id,
+        "prompt": prompt,
+        "completion": completion,
+        "n_commands": len(ns),
+        "policy": policy,
+    }
+
+
+def reference_rows(
+    params: WarmupDataParams, problems: list[Problem], student: Any, tok: Any
+) -> tuple[list[dict], int]:
+    """Policy ``mistakes``: every problem's reference solution, a command before each run the
+    student would get wrong (relaypipe/train/warmup.py); rows needing more than
+    ``max_commands`` are dropped. Returns the rows and how many were dropped."""
+    missing = [p.problem_id for p in problems if not p.solution]
+    if missing:
+        raise ValueError(
+            f"warmup_data.insert.policy mistakes builds rows from reference solutions, but "
+            f"{len(missing)} problems in {params.problems} have none (first: {missing[0]})"
+        )
+    rng = random.Random(params.insert.seed)
+    rows, dropped = [], 0
+    for problem in tqdm(problems, desc="mistakes", mininterval=2.0, leave=False):
+        prompt, completion, ns = build_warmup_example(
+            problem.question,
+            problem.solution,
+            tok,
+            params.insert,
+            rng,
+            student,
+            chat_template=params.chat_template,
+            chat_template_kwargs=params.chat_template_kwargs,
+        )
+        if len(ns) > params.insert.max_commands:
+            dropped += 1
+            continue
+        rows.append(_row(problem, prompt, completion, ns, params.insert.policy))
+    if not rows:
+        raise ValueError(
+            f"every one of the {len(problems)} warm-up problems needs more than "
+            f"warmup_data.insert.max_commands = {params.insert.max_commands} calls: raise it"
+        )
+    return rows, dropped
+
+
+def sampled_rows(
+    params: WarmupDataParams, problems: list[Problem], student: Any, tok: Any
+) -> tuple[list[dict], int, float]:
+    """The paper's rows: the student's own right samples with commands inserted (topped up
+    with reference solutions if asked). Returns the rows, how many are the student's own, and
+    its sample accuracy."""
     backend = TransformersBackend(student)
     samples = sample_k(
         RelayDecoder(backend, backend, tok),
@@ -118,15 +204,7 @@ def run(params: WarmupDataParams) -> dict:
                 chat_template=params.chat_template,
                 chat_template_kwargs=params.chat_template_kwargs,
             )
-            rows.append(
-                {
-                    "problem_id": problem.problem_id,
-                    "prompt": prompt,
-                    "completion": completion,
-                    "n_commands": len(ns),
-                    "policy": params.insert.policy,
-                }
-            )
+            rows.append(_row(problem, prompt, completion, ns, params.insert.policy))
     n_own = len(rows)
     if n_own < params.min_examples and params.top_up_with_reference:
         for problem in problems[: params.min_examples - n_own]:
@@ -141,15 +219,7 @@ def run(params: WarmupDataParams) -> dict:
                 chat_template=params.chat_template,
                 chat_template_kwargs=params.chat_template_kwargs,
             )
-            rows.append(
-                {
-                    "problem_id": problem.problem_id,
-                    "prompt": prompt,
-                    "completion": completion,
-                    "n_commands": len(ns),
-                    "policy": params.insert.policy,
-                }
-            )
+            rows.append(_row(problem, prompt, completion, ns, params.insert.policy))
     if len(rows) < params.min_examples:
         raise RuntimeError(
             f"the student solved only {n_own} of {len(problems)} problems in "
@@ -158,27 +228,9 @@ def run(params: WarmupDataParams) -> dict:
             "longer, or set "
             "warmup_data.top_up_with_reference: true."
         )
-    table = pd.DataFrame(rows)
-    out = Path(params.out_dir)
     n_samples = len(problems) * params.samples_per_problem
-    metrics = {
-        "n_examples": len(table),
-        "n_reference_examples": len(table) - n_own,
-        "student_sample_accuracy": round(sum(g.correct for s in samples for g in s) / n_samples, 4),
-        "commands_per_example": round(float(table.n_commands.mean()), 3),
-    }
-    findings = warmup_findings(
-        len(table),
-        n_own,
-        int(table.n_commands.sum()),
-        n_samples=n_samples,
-        where=str(out / "sft.parquet"),
-    )
-    # Checked before anything is written: a refused table leaves the previous one in place.
-    metrics["warnings"] = enforce(findings, stage="warmup_data", allow=params.allow_degenerate)
-    write_table(table, out / "sft.parquet", SFTExampleSchema)
-    write_json(out / "metrics.json", metrics)
-    return metrics
+    accuracy = round(sum(g.correct for s in samples for g in s) / n_samples, 4)
+    return rows, n_own, accuracy
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,15 @@ distribution (DESIGN.md §1). Three insertion policies:
   text), asking for as many tokens as the run is long (the smallest ``n_values`` that covers
   it), lowest-confidence runs first, at most ``max_commands``; a confident example gets none.
   Unlike the other two, the count is not drawn at random: the student learns *where* to call.
+* ``mistakes`` (imitation of a perfect caller; not in the paper): the row is the problem's
+  *reference* solution, with a command before every run of tokens the student, teacher-forced
+  on it, would not write (its greedy choice differs), asking for the run's length. Everything
+  outside those runs is what the student writes itself; the runs are the teacher's, and SFT
+  keeps them out of the loss (relaypipe/stages/sft.py), as GRPO masks teacher tokens, so the
+  student learns where to ask without learning the answers it asks for. For a student that is
+  *confidently* wrong (a knowledge gap), neither its own right answers nor its uncertainty
+  mark the tokens it lacks; this does. A row with more runs than ``max_commands`` is dropped
+  rather than left with an unmarked mistake (which it would then be trained to write).
 
 Unlike the reference, every command carries its ``n`` (from ``n_values``: drawn at random, or
 fitted to the run by ``uncertainty``), and the text around a command is left exactly as the
@@ -28,10 +37,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from relaypipe.relay.grammar import format_call
+from relaypipe.relay.grammar import MalformedCall, format_call, parse_call_body
 from relaypipe.tasks.base import format_prompt
 
-POLICIES = ("random", "disagreement", "uncertainty")
+POLICIES = ("random", "disagreement", "uncertainty", "mistakes")
+# Policies whose called tokens were written by the teacher: kept out of the SFT loss.
+TEACHER_WRITTEN = frozenset({"mistakes"})
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,65 @@ def uncertain_spans(
     )
 
 
+@torch.inference_mode()
+def mistake_spans(
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    student: PreTrainedModel,
+    n_values: Sequence[int],
+) -> list[tuple[int, int]]:
+    """(position, n) covering every completion token the student, teacher-forced on this text,
+    would not write (greedy choice differs), in text order. n is the smallest of ``n_values``
+    that covers the run of such tokens from ``position`` (the largest when none does; the rest
+    of the run then starts the next span). Position 0 may be flagged: a student that cannot
+    write the first token must call before it."""
+    pred = completion_logits(student, prompt_ids, completion_ids).argmax(-1).tolist()
+    wrong = [p != t for p, t in zip(pred, completion_ids, strict=True)]
+    sizes = sorted(n_values)
+    spans, i = [], 0
+    while i < len(wrong):
+        if not wrong[i]:
+            i += 1
+            continue
+        run = next((j for j in range(i, len(wrong)) if not wrong[j]), len(wrong)) - i
+        n = next((size for size in sizes if size >= run), sizes[-1])
+        spans.append((i, n))
+        i += n
+    return spans
+
+
+def teacher_token_mask(
+    completion_ids: Sequence[int], open_id: int, close_id: int, decode: Any
+) -> list[int]:
+    """[T] 0 on the ``n`` tokens that follow each well-formed ``<call>n</call>`` (the teacher's,
+    in a relay transcript), 1 elsewhere. ``decode`` turns a command body's ids into text.
+
+    >>> teacher_token_mask([5, 1, 9, 2, 7, 8, 6], 1, 2, lambda ids: "1")
+    [1, 1, 1, 1, 0, 1, 1]
+    """
+    mask, owed, body, inside = [], 0, [], False
+    for token in completion_ids:
+        if token == open_id:
+            inside, body = True, []
+            mask.append(1)
+        elif token == close_id and inside:
+            inside = False
+            try:
+                owed = parse_call_body(decode(body))
+            except MalformedCall:
+                owed = 0
+            mask.append(1)
+        elif inside:
+            body.append(token)
+            mask.append(1)
+        elif owed:
+            owed -= 1
+            mask.append(0)
+        else:
+            mask.append(1)
+    return mask
+
+
 def build_warmup_example(
     question: str,
     completion: str,
@@ -157,7 +227,13 @@ def build_warmup_example(
         question, tokenizer, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
     )
     comp_ids = tokenizer(completion, add_special_tokens=False).input_ids
-    if spec.policy == "uncertainty":
+    if spec.policy == "mistakes":
+        if student is None:
+            raise ValueError("the mistakes policy needs the student model")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        spans = mistake_spans(prompt_ids, comp_ids, student, spec.n_values)
+        positions, ns = [q for q, _ in spans], [n for _, n in spans]
+    elif spec.policy == "uncertainty":
         if student is None:
             raise ValueError("the uncertainty policy needs the student model")
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
