@@ -267,12 +267,13 @@ class _Knows:
 def test_mistakes_policy_calls_before_every_token_the_student_would_get_wrong(
     tokenizer, gaps, expected
 ):
-    from relaypipe.train.warmup import mistake_spans
+    from relaypipe.train.warmup import greedy_choices, mistake_spans
 
     p_ids = tokenizer("Q: 7+5+9\nA: ", add_special_tokens=False).input_ids
     c_ids = tokenizer(SOLUTION, add_special_tokens=False).input_ids
     student = _Knows(len(tokenizer), len(p_ids), gaps)
-    assert mistake_spans(p_ids, c_ids, student, (1, 2)) == expected
+    greedy = greedy_choices(student, [p_ids], [c_ids])[0]
+    assert mistake_spans(greedy, c_ids, (1, 2)) == expected
     spec = InsertSpec(policy="mistakes", max_commands=9, n_values=(1, 2))
     _, completion, ns = build_warmup_example(
         "7+5+9", SOLUTION, tokenizer, spec, random.Random(0), student
@@ -283,6 +284,21 @@ def test_mistakes_policy_calls_before_every_token_the_student_would_get_wrong(
         assert completion.startswith(SOLUTION[:q] + f"<call>{n}</call>")
     with pytest.raises(ValueError, match="needs the student model"):
         build_warmup_example("1", SOLUTION, tokenizer, spec, random.Random(3))
+
+
+def test_greedy_choices_batched_equal_one_at_a_time(tokenizer, tiny_models):
+    from relaypipe.train.warmup import completion_logits, greedy_choices
+
+    student, _ = tiny_models
+    texts = [("Q: 7+5\nA: ", "7+5=12\nAnswer: 12"), ("Q: 1+2+3+4\nA: ", SOLUTION)]
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p, _ in texts]
+    completions = [tokenizer(c, add_special_tokens=False).input_ids for _, c in texts]
+    with torch.no_grad():
+        alone = [
+            completion_logits(student, p, c).argmax(-1).tolist()
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    assert greedy_choices(student, prompts, completions, batch_size=2) == alone
 
 
 def test_sft_keeps_the_teachers_tokens_of_mistakes_rows_out_of_the_loss(tokenizer):
@@ -302,7 +318,9 @@ def test_sft_keeps_the_teachers_tokens_of_mistakes_rows_out_of_the_loss(tokenize
     for row, policy in zip(data, rows.policy, strict=True):
         ids, mask = row["input_ids"], row["completion_mask"]
         assert ids[-1] == tokenizer.eos_token_id and mask[:p_len] == [0] * p_len
-        masked = tokenizer.decode([t for t, m in zip(ids[p_len:], mask[p_len:]) if m == 0])
+        masked = tokenizer.decode(
+            [t for t, m in zip(ids[p_len:], mask[p_len:], strict=True) if m == 0]
+        )
         # mistakes: the 2 tokens after the command ("5=") are the teacher's; random: none
         assert masked == ("5=" if policy == "mistakes" else "")
     # a table with no teacher-written row stays prompt/completion text, as trl tokenizes it

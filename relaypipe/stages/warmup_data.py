@@ -25,7 +25,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from relaypipe.checks import enforce, warmup_findings
 from relaypipe.io import read_table, write_json, write_table
@@ -34,10 +33,16 @@ from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayDecoder
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
-from relaypipe.tasks.base import Problem, check_prompt_options
+from relaypipe.tasks.base import Problem, check_prompt_options, format_prompt
 from relaypipe.teacher import build_teacher
 from relaypipe.train.sampling import sample_k
-from relaypipe.train.warmup import InsertSpec, build_warmup_example
+from relaypipe.train.warmup import (
+    InsertSpec,
+    build_warmup_example,
+    greedy_choices,
+    insert_commands,
+    mistake_spans,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,22 +142,28 @@ def reference_rows(
             f"warmup_data.insert.policy mistakes builds rows from reference solutions, but "
             f"{len(missing)} problems in {params.problems} have none (first: {missing[0]})"
         )
-    rng = random.Random(params.insert.seed)
-    rows, dropped = [], 0
-    for problem in tqdm(problems, desc="mistakes", mininterval=2.0, leave=False):
-        prompt, completion, ns = build_warmup_example(
-            problem.question,
-            problem.solution,
+    prompts = [
+        format_prompt(
+            p.question,
             tok,
-            params.insert,
-            rng,
-            student,
             chat_template=params.chat_template,
             chat_template_kwargs=params.chat_template_kwargs,
         )
-        if len(ns) > params.insert.max_commands:
+        for p in problems
+    ]
+    prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    completion_ids = [tok(p.solution, add_special_tokens=False).input_ids for p in problems]
+    greedy = greedy_choices(student, prompt_ids, completion_ids, params.batch_size)
+    rows, dropped = [], 0
+    for problem, prompt, ids, choices in zip(
+        problems, prompts, completion_ids, greedy, strict=True
+    ):
+        spans = mistake_spans(choices, ids, params.insert.n_values)
+        if len(spans) > params.insert.max_commands:
             dropped += 1
             continue
+        ns = [n for _, n in spans]
+        completion = tok.decode(insert_commands(ids, [q for q, _ in spans], ns, tok))
         rows.append(_row(problem, prompt, completion, ns, params.insert.policy))
     if not rows:
         raise ValueError(

@@ -148,19 +148,47 @@ def uncertain_spans(
 
 
 @torch.inference_mode()
+def greedy_choices(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """Per completion, the model's greedy next token at each of its positions, teacher-forced
+    (batched; rows are right-padded, which a causal model never attends to from earlier)."""
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [
+            list(p) + list(c)
+            for p, c in zip(
+                prompts[start : start + batch_size],
+                completions[start : start + batch_size],
+                strict=True,
+            )
+        ]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
+        best = model(input_ids=ids).logits.argmax(-1).tolist()
+        for k, row in enumerate(rows):
+            p_len = len(prompts[start + k])
+            # logits at position j predict token j+1: completion token i is predicted at p + i - 1
+            out.append(best[k][p_len - 1 : len(row) - 1])
+    return out
+
+
 def mistake_spans(
-    prompt_ids: Sequence[int],
-    completion_ids: Sequence[int],
-    student: PreTrainedModel,
-    n_values: Sequence[int],
+    greedy: Sequence[int], completion_ids: Sequence[int], n_values: Sequence[int]
 ) -> list[tuple[int, int]]:
-    """(position, n) covering every completion token the student, teacher-forced on this text,
-    would not write (greedy choice differs), in text order. n is the smallest of ``n_values``
-    that covers the run of such tokens from ``position`` (the largest when none does; the rest
-    of the run then starts the next span). Position 0 may be flagged: a student that cannot
-    write the first token must call before it."""
-    pred = completion_logits(student, prompt_ids, completion_ids).argmax(-1).tolist()
-    wrong = [p != t for p, t in zip(pred, completion_ids, strict=True)]
+    """(position, n) covering every completion token the student would not write (its greedy
+    choice, teacher-forced, differs: :func:`greedy_choices`), in text order. n is the smallest
+    of ``n_values`` that covers the run of such tokens from ``position`` (the largest when none
+    does; the rest of the run then starts the next span). Position 0 may be flagged: a student
+    that cannot write the first token must call before it.
+
+    >>> mistake_spans([1, 9, 3, 9, 9, 9], [1, 2, 3, 4, 5, 6], n_values=(1, 2))
+    [(1, 1), (3, 2), (5, 1)]
+    """
+    wrong = [p != t for p, t in zip(greedy, completion_ids, strict=True)]
     sizes = sorted(n_values)
     spans, i = [], 0
     while i < len(wrong):
@@ -231,7 +259,8 @@ def build_warmup_example(
         if student is None:
             raise ValueError("the mistakes policy needs the student model")
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        spans = mistake_spans(prompt_ids, comp_ids, student, spec.n_values)
+        greedy = greedy_choices(student, [prompt_ids], [comp_ids])[0]
+        spans = mistake_spans(greedy, comp_ids, spec.n_values)
         positions, ns = [q for q, _ in spans], [n for _, n in spans]
     elif spec.policy == "uncertainty":
         if student is None:
