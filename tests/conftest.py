@@ -24,6 +24,7 @@ def tiny_models(tokenizer):
     teacher = build_model(ModelSize(48, 2, 4, 96), tokenizer, seed=2).eval()
     return student, teacher
 
+
 # Property tests time single examples; on a loaded 2-core machine one can exceed hypothesis's
 # 200 ms deadline without anything being wrong, which it reports as a flaky failure.
 settings.register_profile("relaypipe", deadline=None)
