@@ -27,6 +27,7 @@ from relaypipe.checks import DegenerateRunError
 from relaypipe.io import read_table, write_json, write_table
 from relaypipe.micro.models import ModelSize
 from relaypipe.micro.train_lm import TrainSpec
+from relaypipe.relay.grammar import strip_calls
 from relaypipe.schemas import (
     EvalRequestSchema,
     FilteredProblemSchema,
@@ -226,6 +227,25 @@ def test_warmup_table_without_commands_fails_naming_max_commands(workdir, tmp_pa
     with pytest.raises(DegenerateRunError, match=r"warmup_data\.insert\.max_commands"):
         warmup_data.run(warmup_params(workdir, out, insert=no_commands))
     assert not out.exists()
+
+
+def test_mistakes_warmup_reads_reference_solutions_and_drops_rows_over_the_cap(workdir, tmp_path):
+    """An untrained student gets most reference tokens wrong: every row needs many calls, so a
+    cap of 2 drops them all (a clear error, nothing written), and a high cap keeps them all,
+    each reference solution intact around its commands."""
+    out = tmp_path / "warmup"
+    capped = InsertSpec(policy="mistakes", max_commands=2, n_values=(1, 2))
+    with pytest.raises(ValueError, match=r"warmup_data\.insert\.max_commands = 2"):
+        warmup_data.run(warmup_params(workdir, out, insert=capped))
+    assert not out.exists()
+    roomy = InsertSpec(policy="mistakes", max_commands=99, n_values=(1, 2))
+    metrics = warmup_data.run(warmup_params(workdir, out, insert=roomy))
+    assert metrics["n_examples"] == 4 and metrics["dropped_over_max_commands"] == 0
+    assert metrics["n_reference_examples"] == 0 and metrics["student_sample_accuracy"] is None
+    table = pd.read_parquet(out / "sft.parquet")
+    problems = pd.read_parquet(workdir / "problems" / "train.parquet").head(4)
+    assert [strip_calls(c) for c in table.completion] == list(problems.solution)
+    assert set(table.policy) == {"mistakes"} and (table.n_commands > 0).all()
 
 
 # ------------------------------------------------------------------------------ stage sft
