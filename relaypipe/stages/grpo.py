@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from dvclive import Live
 
 from relaypipe.checks import enforce, reward_findings, unchanged_findings, weights_digest
 from relaypipe.config import ConfigError
@@ -47,7 +46,7 @@ from relaypipe.schemas import FilteredProblemSchema, ProblemSchema, frame_to_pro
 from relaypipe.stages.common import stage_params
 from relaypipe.tasks.base import check_prompt_options, format_prompt
 from relaypipe.teacher import HTTPOptions, Teacher, build_teacher, validate_teacher_options
-from relaypipe.train.checkpoints import LiveCallback, file_digest
+from relaypipe.train.checkpoints import LiveCallback, file_digest, training_live
 from relaypipe.train.launch import (
     check_num_processes,
     hand_back,
@@ -243,16 +242,7 @@ def train_grpo(params: GRPOParams) -> list[str]:
         relay_config(params),
         mask_teacher_tokens=params.mask_teacher_tokens,
     )
-    live = (
-        Live(
-            dir=str(Path(params.out_dir) / "live"),
-            resume=bool(resume),
-            save_dvc_exp=False,
-            dvcyaml=None,
-        )
-        if main
-        else None
-    )
+    live = training_live(params.out_dir, resume) if main else None
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[

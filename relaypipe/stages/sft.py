@@ -30,7 +30,6 @@ from typing import Any
 import pandas as pd
 import torch
 from datasets import Dataset
-from dvclive import Live
 from trl import SFTConfig, SFTTrainer
 
 from relaypipe.checks import enforce, unchanged_findings, weights_digest
@@ -44,7 +43,7 @@ from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.tasks.base import check_prompt_options
 from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
-from relaypipe.train.checkpoints import LiveCallback, file_digest
+from relaypipe.train.checkpoints import LiveCallback, file_digest, training_live
 from relaypipe.train.launch import (
     check_num_processes,
     hand_back,
@@ -204,16 +203,7 @@ def train_sft(params: SFTParams) -> list[str]:
     )
     resume = resume_point(args, params.checkpoint_dir, fingerprint)
     main = args.process_index == 0
-    live = (
-        Live(
-            dir=str(Path(params.out_dir) / "live"),
-            resume=bool(resume),
-            save_dvc_exp=False,
-            dvcyaml=None,
-        )
-        if main
-        else None
-    )
+    live = training_live(params.out_dir, resume) if main else None
     trainer = make_sft_trainer(
         model, tok, table, args, callbacks=[LiveCallback(live)] if live else None
     )

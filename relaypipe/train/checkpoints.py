@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dvclive import Live
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -61,3 +62,11 @@ class LiveCallback(TrainerCallback):
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self.live.log_metric(key.replace("/", "_"), float(value))
         self.live.make_summary()
+
+
+def training_live(out_dir: str, resume: object) -> Live:
+    """The DVCLive logger of a training stage's curves (``<out_dir>/live``), continuing the
+    curves of the run being resumed; DVC, not DVCLive, records the experiment."""
+    return Live(
+        dir=str(Path(out_dir) / "live"), resume=bool(resume), save_dvc_exp=False, dvcyaml=None
+    )
