@@ -73,7 +73,8 @@ def test_pretrained_import_fine_tune_and_measure(workdir, tmp_path):
     assert json.loads((tmp_path / "bootstrap.json").read_text()) == metrics
     assert metrics["n_eval"] == 6 and metrics["student_params"] == metrics["teacher_params"]
     assert 0.0 <= metrics["student_accuracy"] <= 1.0 and 0.0 <= metrics["teacher_accuracy"] <= 1.0
-    assert metrics["teacher_train_seconds"] > 0 and metrics["teacher_final_loss"] > 0
+    # seconds are rounded to 0.1: six tiny steps on a fast machine round to 0.0
+    assert metrics["teacher_train_seconds"] >= 0 and metrics["teacher_final_loss"] > 0
     assert "student_train_seconds" not in metrics  # no student_train: the student is untouched
     # the saved teacher is an ordinary teacher for the later stages
     with build_teacher(str(tmp_path / "teacher"), device="cpu") as t:
