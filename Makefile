@@ -5,6 +5,8 @@
 #               Another preset: make run PRESET=smollm2-cpu (params.yaml <- presets/NAME.yaml;
 #               PRESET=micro goes back to the default)
 #   make test   set up .venv if needed, then the test suite
+#   make lock   refresh constraints.txt (the exact versions setup installs and CI tests) from a
+#               fresh, unconstrained install of pyproject.toml's ranges
 #
 # TORCH_SPEC picks the torch build installed before everything else. The default is the
 # CPU build; on a GPU machine override it, e.g. `make run TORCH_SPEC="torch==2.13.0"` with
@@ -17,16 +19,28 @@ PRESET ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.relaypipe-installed
 
-.PHONY: run test lint setup clean-venv
+.PHONY: run test lint setup lock clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
+
+# torch is left out of the lock: TORCH_SPEC chooses its build (CPU here, CUDA on a GPU machine).
+LOCK_VENV := $(shell mktemp -u /tmp/relaypipe-lock.XXXXXX)
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	{ sed -n '1,3p' constraints.txt; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-[a-z0-9-]+-cu[0-9]+)=='; \
+	} > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python -m flows repro $(if $(PRESET),--preset $(PRESET)) $(ARGS)
