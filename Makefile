@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m flows.plots --if-missing || echo "warning: no offline plots template; dvc plots show needs internet"
 	touch $(STAMP)
 
 # torch is left out of the lock: TORCH_SPEC chooses its build (CPU here, CUDA on a GPU machine).

@@ -111,6 +111,11 @@ def make_repo(dest: Path, params: dict[str, Any] | None = None) -> Path:
     sh("git", "init", "-q", "-b", "main", cwd=dest)
     sh("dvc", "init", "-q", cwd=dest)
     sh("dvc", "config", "core.analytics", "false", cwd=dest)
+    template = ROOT / ".dvc" / "plots" / "offline.html"  # built by make setup (flows.plots)
+    if template.is_file():
+        (dest / ".dvc" / "plots").mkdir()
+        shutil.copy(template, dest / ".dvc" / "plots" / "offline.html")
+        sh("dvc", "config", "plots.html_template", "plots/offline.html", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-qm", "pipeline", cwd=dest)
     return dest

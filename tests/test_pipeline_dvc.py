@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -89,6 +90,26 @@ def test_committed_run_shows_its_metrics_in_exp_show(repo):
     assert evaluated["modes"]["teacher"]["call_ratio"] == 1.0  # (exp show drops null values)
     params = baseline["data"]["params"]["params.yaml"]["data"]
     assert params["grpo"]["reward"] == "difficulty_aware"  # params and metrics side by side
+
+
+def test_plots_render_offline(repo):
+    """dvc plots show: the trade-off image and the training curves, with no script fetched."""
+    if not (repo / ".dvc/plots/offline.html").is_file():
+        pytest.skip(
+            "no .dvc/plots/offline.html: make setup builds it with npm (python -m flows.plots)"
+        )
+    sh("dvc", "plots", "show", cwd=repo)
+    page = (repo / "dvc_plots/index.html").read_text()
+    assert not re.search(r"<script[^>]+src=", page), "a script is loaded from elsewhere"
+    assert "cdn." not in page and "vega-embed@6.18.2" in page
+    assert 'src="static/workspace_data_eval_tradeoff.png"' in page
+    assert (repo / "dvc_plots/static/workspace_data_eval_tradeoff.png").is_file()
+    for curve in (
+        "data/sft/live/plots/metrics/loss.tsv",
+        "data/grpo/live/plots/metrics/reward.tsv",
+    ):
+        assert curve in page
+    assert "dvc_plots/" not in sh("git", "status", "--porcelain", cwd=repo).stdout
 
 
 def test_second_repro_does_nothing_and_a_param_change_reruns_only_its_stage(repo):
