@@ -7,7 +7,12 @@ Every DVC stage writes its outputs through this module so that:
   into place only when complete;
 * a table that breaks its schema (``relaypipe.schemas``) is refused *before* anything touches
   the disk, and a table that a reader finds broken is reported with the file, the column, the
-  check and the offending rows, instead of a KeyError three stages later.
+  check and the offending rows, instead of a KeyError three stages later;
+* no value is ever converted to fit a schema (no ``coerce``): a null does not become False, the
+  string "True" does not become True, 2.7 tokens do not become 2. Only the *representation* of
+  values that already have the column's type may change, losslessly (an int32 or object column
+  of ints is stored as int64, a float32 column as float64, an empty column of any dtype takes
+  the column's dtype). ``_strict_types`` implements the rule; ``relaypipe.schemas`` states it.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pandera.dtypes as pa_dtypes
 import pandera.errors as pa_errors
 import yaml
 
@@ -227,9 +235,13 @@ def _schema_name(schema: Schema) -> str:
     return getattr(schema, "name", None) or type(schema).__name__
 
 
+def _pandera_schema(schema: Schema) -> Any:
+    """The DataFrameSchema behind ``schema`` (a DataFrameModel subclass or a DataFrameSchema)."""
+    return schema.to_schema() if isinstance(schema, type) else schema
+
+
 def _schema_columns(schema: Schema) -> list[str]:
-    pandera_schema = schema.to_schema() if isinstance(schema, type) else schema
-    return list(pandera_schema.columns)
+    return list(_pandera_schema(schema).columns)
 
 
 def _table_format(path: Path) -> str:
@@ -240,34 +252,67 @@ def _table_format(path: Path) -> str:
         raise ValueError(f"{path}: unknown table format {path.suffix!r} (use {known})") from None
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
+def _clip(text: str) -> str:
     return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 3] + "..."
 
 
+def _short(value: Any) -> str:
+    return _clip(repr(value))
+
+
+# Table-level checks whose failure cases are column names (a missing, unexpected or repeated one).
+_COLUMN_SET_CHECKS = frozenset(
+    {"column_in_schema", "column_in_dataframe", "dataframe_column_labels_unique"}
+)
+
+
 def _describe_failures(failure_cases: pd.DataFrame) -> tuple[list[str], int]:
-    """One line per (column, check) pair, with the offending rows; and how many were left out."""
-    groups: dict[tuple[str, str, str], list[tuple[Any, Any]]] = {}
+    """One line per (column, check) pair, with the offending rows; and how many were left out.
+
+    Table-level failures get one line per check: the columns a column-set check names, the
+    rows (with each column's value) a multi-column uniqueness check names, or the outcome of a
+    cross-column check (nothing when it simply returned False, the error when it crashed).
+    """
+    groups: dict[tuple[str, str, str], list[tuple[Any, Any, Any]]] = {}
     for row in failure_cases.itertuples(index=False):
-        key = (str(row.schema_context), str(row.column), str(row.check))
-        groups.setdefault(key, []).append((row.index, row.failure_case))
+        context, check = str(row.schema_context), str(row.check)
+        # Table-level cases that point at rows name one cell each; they group by check alone.
+        per_cell = context == "DataFrameSchema" and not _is_missing(row.index)
+        key = (context, "" if per_cell else str(row.column), check)
+        groups.setdefault(key, []).append((row.index, row.column, row.failure_case))
 
     lines = []
     for (context, column, check), cases in list(groups.items())[:_MAX_FAILURE_GROUPS]:
         if context == "DataFrameSchema":
-            # Table-level failures (a missing or unexpected column): the "failure case" is the
-            # column name, and there are no rows to point at.
-            names = ", ".join(_short(value) for _, value in cases)
-            lines.append(f"  - table: {check} failed for column(s) {names}")
+            lines.append(_describe_table_failure(check, cases))
             continue
         shown = [
             f"row {index}: {_short(value)}" if not _is_missing(index) else _short(value)
-            for index, value in cases[:_MAX_ROWS_PER_GROUP]
+            for index, _, value in cases[:_MAX_ROWS_PER_GROUP]
         ]
         more = len(cases) - len(shown)
         suffix = f" (+{more} more)" if more else ""
         lines.append(f"  - column {column!r}: {check} failed at {'; '.join(shown)}{suffix}")
     return lines, max(0, len(groups) - _MAX_FAILURE_GROUPS)
+
+
+def _describe_table_failure(check: str, cases: list[tuple[Any, Any, Any]]) -> str:
+    if check in _COLUMN_SET_CHECKS:
+        names = ", ".join(_short(value) for _, _, value in cases)
+        return f"  - table: {check} failed for column(s) {names}"
+    rows: dict[Any, list[str]] = {}
+    for index, column, value in cases:
+        if not _is_missing(index):
+            rows.setdefault(index, []).append(f"{column}={_short(value)}")
+    if rows:
+        shown = [f"row {index}: ({', '.join(cells)})" for index, cells in rows.items()]
+        more = len(shown) - _MAX_ROWS_PER_GROUP
+        suffix = f" (+{more} more)" if more > 0 else ""
+        return f"  - table: {check} failed at {'; '.join(shown[:_MAX_ROWS_PER_GROUP])}{suffix}"
+    # A cross-column check: False when it ran and failed, an error's text when it crashed
+    # (e.g. on a column of the wrong type, reported on its own line).
+    errors = [_clip(str(value)) for _, _, value in cases if not isinstance(value, (bool, np.bool_))]
+    return f"  - table: {check} failed" + (f": {'; '.join(errors)}" if errors else "")
 
 
 def _is_missing(value: Any) -> bool:
@@ -277,21 +322,251 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
-def _violation(exc: Exception, *, path: Path, schema: Schema, hint: str) -> SchemaViolation:
+# ---------------------------------------------------------------------------------------------
+# Strict types: values are checked, never converted
+# ---------------------------------------------------------------------------------------------
+
+# Integers above this magnitude are not all representable as float64.
+_FLOAT64_EXACT_INT = 2**53
+_INT64 = np.iinfo(np.int64)
+# The columns of pandera's failure-case frame, which the type pass's failures join.
+_FAILURE_COLUMNS = ["schema_context", "column", "check", "check_number", "failure_case", "index"]
+# The representation a column of each type family is handed on in (pandas' default for str).
+_TARGET_DTYPES: dict[str, Any] = {
+    "int": np.dtype(np.int64),
+    "float": np.dtype(np.float64),
+    "bool": np.dtype(bool),
+    "str": "str",
+}
+
+
+def _type_family(dtype: Any) -> str | None:
+    """The type family of a pandera column dtype: str, int (int64), float (float64) or bool.
+
+    None for any other dtype, which is left to pandera's own (equally coercion-free) dtype check.
+    """
+    if pa_dtypes.is_string(dtype):
+        return "str"
+    try:
+        numpy_dtype = np.dtype(getattr(dtype, "type", None))
+    except TypeError:
+        return None
+    families = {np.dtype(np.int64): "int", np.dtype(np.float64): "float", np.dtype(bool): "bool"}
+    return families.get(numpy_dtype)
+
+
+def _refuse_coercion(pandera_schema: Any, name: str) -> None:
+    """A schema that coerces would convert values (null to False, 2.7 to 2) before checking."""
+    coercing = [str(col) for col, column in pandera_schema.columns.items() if column.coerce]
+    if getattr(pandera_schema, "coerce", False) or coercing:
+        where = f"column(s) {', '.join(coercing)}" if coercing else "every column"
+        raise TypeError(
+            f"{name} coerces {where} (coerce=True): relaypipe tables are validated without "
+            "coercion, so that a bad value is reported instead of converted. Set coerce = False."
+        )
+
+
+@dataclass
+class _CheckedColumn:
+    """What the type pass found in one column."""
+
+    # The column in its target representation (same values), or None when it is left as it
+    # was: it holds a value of the wrong type or a null, reported by the pass or by pandera.
+    series: pd.Series | None
+    failures: list[tuple[Any, Any, str]]  # (row label, value, check), in row order
+
+
+def _element_problem(family: str, value: Any, found: str | None) -> str | None:
+    """Why a non-null ``value`` does not belong in a ``family`` column (None: it does).
+
+    ``found`` names the column's dtype when it has a specific one (``float64``); for object
+    columns each value's own type is named.
+    """
+    is_bool = isinstance(value, (bool, np.bool_))
+    is_int = isinstance(value, (int, np.integer)) and not is_bool
+    if family == "str" and isinstance(value, str):
+        return None
+    if family == "bool" and is_bool:
+        return None
+    if family == "int" and is_int:
+        return None if _INT64.min <= int(value) <= _INT64.max else "within int64 range"
+    if family == "float":
+        if is_int:
+            # An int is a float's value too (as in Python), if float64 holds it exactly.
+            return None if abs(int(value)) <= _FLOAT64_EXACT_INT else "exact as float64"
+        if isinstance(value, (float, np.floating)):
+            if float(value) != value:  # e.g. a longdouble that float64 would round
+                return "exact as float64"
+            return "finite" if np.isinf(value) else None
+    kind = found or type(value).__name__
+    return f"type {family} (found {kind}, not converted)"
+
+
+def _flagged(
+    series: pd.Series, values: np.ndarray, mask: np.ndarray, check: str
+) -> list[tuple[Any, Any, str]]:
+    """(row label, value, check) for the rows of ``series`` where ``mask`` is set."""
+    return [
+        (label, value.item(), check)
+        for label, value in zip(series.index[mask], values[mask], strict=True)
+    ]
+
+
+def _check_column(series: pd.Series, family: str) -> _CheckedColumn:
+    """Check every value of ``series`` against ``family``; convert it only if that is lossless."""
+    target = _TARGET_DTYPES[family]
+    if len(series) == 0:  # no values, nothing to lose: an empty column takes any dtype
+        return _CheckedColumn(pd.Series([], index=series.index, dtype=target), [])
+    dtype = series.dtype
+
+    # Fast paths for the representations Parquet and pandas produce.
+    if isinstance(dtype, np.dtype) and (family, dtype.kind) in {
+        ("bool", "b"),
+        ("int", "i"),
+        ("int", "u"),
+        ("float", "f"),
+        ("float", "i"),
+        ("float", "u"),
+    }:
+        values = series.to_numpy()
+        if family == "bool":
+            return _CheckedColumn(series, [])
+        if dtype.kind == "f":
+            if dtype.itemsize <= 8:  # float16/32 widen exactly; float64 is the target
+                bad = np.isinf(values)
+                failures = _flagged(series, values, bad, "finite")
+                # NaN stays NaN in float64; pandera's not_nullable check reports it.
+                return _CheckedColumn(None if failures else series.astype(target), failures)
+        else:
+            limit = _INT64.max if family == "int" else _FLOAT64_EXACT_INT
+            check = "within int64 range" if family == "int" else "exact as float64"
+            too_big = values > limit
+            if dtype.kind == "i" and family == "float":
+                too_big |= values < -limit
+            failures = _flagged(series, values, too_big, check)
+            return _CheckedColumn(None if failures else series.astype(target), failures)
+    if family == "str" and isinstance(dtype, pd.StringDtype):
+        has_nulls = bool(series.isna().any())  # reported by pandera's not_nullable check
+        return _CheckedColumn(None if has_nulls else series.astype(target), [])
+
+    # Everything else (object, categorical, nullable extension and Arrow dtypes, and numeric
+    # dtypes of the wrong kind): value by value.
+    generic = getattr(dtype, "kind", None) == "O" or isinstance(dtype, pd.CategoricalDtype)
+    found = None if generic else str(dtype)
+    values = series.to_numpy(dtype=object)
+    failures, has_nulls = [], False
+    for label, value in zip(series.index, values, strict=True):
+        if _is_missing(value):
+            has_nulls = True  # pandera's not_nullable check reports it
+            continue
+        problem = _element_problem(family, value, found)
+        if problem is not None:
+            failures.append((label, value, problem))
+    if failures or has_nulls:
+        return _CheckedColumn(None, failures)
+    converted = pd.Series(list(values), index=series.index, dtype=target, name=series.name)
+    return _CheckedColumn(converted, [])
+
+
+def _strict_types(
+    df: pd.DataFrame, pandera_schema: Any
+) -> tuple[pd.DataFrame, pd.DataFrame, set[str], set[str]]:
+    """Check the type of every value in the schema's str/int/float/bool columns, converting none.
+
+    The rule (also in relaypipe/schemas.py's docstring): a value is accepted only if it already
+    has the column's type -- a str for str, an int (not a bool) for int, a bool for bool, a
+    finite float or an exactly representable int for float. Strings are not parsed, floats are
+    not truncated (not even 2.0), nulls are not filled. Values that pass are handed on in the
+    column's dtype (int64, float64, bool, str), which changes their container, not their value.
+
+    Returns the frame to validate with pandera (passing columns converted, others untouched),
+    the failures as a pandera-style failure-case frame, the columns whose pandera dtype failure
+    is already explained (they hold a mistyped value or a null), and the mistyped columns.
+    """
+    converted: dict[str, pd.Series] = {}
+    cases: list[dict[str, Any]] = []
+    explained: set[str] = set()
+    mistyped: set[str] = set()
+    duplicated = set(df.columns[df.columns.duplicated()])  # pandera reports these
+    for name, column in pandera_schema.columns.items():
+        family = _type_family(column.dtype)
+        if family is None or name not in df.columns or name in duplicated:
+            continue
+        series = df[name]
+        checked = _check_column(series, family)
+        for label, value, check in checked.failures:
+            cases.append(
+                {
+                    "schema_context": "Column",
+                    "column": name,
+                    "check": check,
+                    "check_number": None,
+                    "failure_case": value,
+                    "index": label,
+                }
+            )
+        if checked.failures:
+            mistyped.add(name)
+        if checked.series is None:
+            explained.add(name)
+        elif checked.series.dtype != series.dtype:
+            converted[name] = checked.series
+    if converted:
+        df = df.assign(**converted)
+    return df, pd.DataFrame(cases, columns=_FAILURE_COLUMNS), explained, mistyped
+
+
+def _without_explained(
+    failure_cases: pd.DataFrame, explained: set[str], mistyped: set[str]
+) -> pd.DataFrame:
+    """Pandera's failures, less those the type pass already reported more precisely.
+
+    In a column the type pass left as it was, pandera's dtype check fails ("dtype('int64')
+    failed at object"); in a mistyped column, value checks may also crash on the wrong type
+    (a TypeError with no row). Neither says more than the type pass's row-by-row report.
+    """
+    column = failure_cases["column"].astype(object)
+    check = failure_cases["check"].astype(str)
+    is_dtype = column.isin(explained) & check.str.startswith("dtype(")
+    crashed = column.isin(mistyped) & failure_cases["index"].isna()
+    return failure_cases[~(is_dtype | crashed)]
+
+
+def _in_schema_order(failure_cases: pd.DataFrame, pandera_schema: Any) -> pd.DataFrame:
+    """Table-level failures first, then each column's, in the schema's column order (stable)."""
+    position = {name: i for i, name in enumerate(pandera_schema.columns, start=1)}
+    rank = [
+        0 if context == "DataFrameSchema" else position.get(column, len(position) + 1)
+        for context, column in zip(
+            failure_cases["schema_context"], failure_cases["column"], strict=True
+        )
+    ]
+    return failure_cases.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
+
+
+def _violation(
+    failure_cases: pd.DataFrame | None,
+    *,
+    path: Path,
+    schema: Schema,
+    hint: str,
+    detail: str | None = None,
+) -> SchemaViolation:
     name = _schema_name(schema)
-    failure_cases = getattr(exc, "failure_cases", None)
-    if isinstance(exc, pa_errors.SchemaErrors) and isinstance(failure_cases, pd.DataFrame):
+    lines = []
+    if failure_cases is not None and len(failure_cases):
         lines, left_out = _describe_failures(failure_cases)
         header = f"{path}: does not match {name} ({len(failure_cases)} failure case(s)):"
         if left_out:
             lines.append(f"  ... and {left_out} more column/check pair(s)")
-        body = "\n".join(lines)
     else:
+        header = f"{path}: does not match {name}:"
+        failure_cases = None
+    if detail is not None:
         # A single SchemaError (non-lazy paths inside pandera); its own message is the best
         # description there is.
-        header = f"{path}: does not match {name}:"
-        body = f"  - {exc}"
-        failure_cases = failure_cases if isinstance(failure_cases, pd.DataFrame) else None
+        lines.append(f"  - {detail}")
+    body = "\n".join(lines)
     return SchemaViolation(
         f"{header}\n{body}\nhint: {hint}",
         path=path,
@@ -301,20 +576,93 @@ def _violation(exc: Exception, *, path: Path, schema: Schema, hint: str) -> Sche
 
 
 def _validate(df: pd.DataFrame, schema: Schema, *, path: Path, hint: str) -> pd.DataFrame:
+    """Type pass (``_strict_types``), then pandera without coercion; all failures in one report."""
+    pandera_schema = _pandera_schema(schema)
+    _refuse_coercion(pandera_schema, _schema_name(schema))
+    df, type_cases, explained, mistyped = _strict_types(df, pandera_schema)
     try:
         # lazy=True collects every failure, so one run shows all that is wrong, not the first.
-        return schema.validate(df, lazy=True)
-    except (pa_errors.SchemaErrors, pa_errors.SchemaError) as exc:
-        raise _violation(exc, path=path, schema=schema, hint=hint) from exc
+        valid = schema.validate(df, lazy=True)
+    except pa_errors.SchemaErrors as exc:
+        cases = exc.failure_cases
+        if isinstance(cases, pd.DataFrame):
+            cases = _without_explained(cases, explained, mistyped)
+            frames = [frame for frame in (type_cases, cases) if len(frame)]
+            if frames:
+                combined = _in_schema_order(pd.concat(frames, ignore_index=True), pandera_schema)
+                raise _violation(combined, path=path, schema=schema, hint=hint) from exc
+        raise _violation(type_cases, path=path, schema=schema, hint=hint, detail=str(exc)) from exc
+    except pa_errors.SchemaError as exc:
+        raise _violation(type_cases, path=path, schema=schema, hint=hint, detail=str(exc)) from exc
+    if len(type_cases):
+        raise _violation(type_cases, path=path, schema=schema, hint=hint)
+    return valid
+
+
+def _write_jsonl(df: pd.DataFrame, path: Path) -> None:
+    """One JSON object per row, values as Python's json writes them.
+
+    Not ``DataFrame.to_json``: that rounds floats to 10 significant digits by default (and to
+    15 at most), which would change a value on the way to disk; ``json.dumps`` writes the
+    shortest text that reads back as the same float.
+    """
+    names = [str(column) for column in df.columns]
+    columns = [df[column].tolist() for column in df.columns]  # numpy scalars -> Python values
+    with path.open("w", encoding="utf-8") as fh:
+        for row in zip(*columns, strict=True):
+            record = {
+                name: None if _is_missing(value) else value
+                for name, value in zip(names, row, strict=True)
+            }
+            text = json.dumps(
+                record,
+                ensure_ascii=False,
+                allow_nan=False,
+                separators=(",", ":"),
+                default=_json_default,
+            )
+            fh.write(text + "\n")
+
+
+def _read_jsonl(path: Path, schema: Schema) -> pd.DataFrame:
+    """The rows of a .jsonl table, every value as JSON typed it: an object column per key.
+
+    Not ``pd.read_json``: that guesses dtypes per column, so a column of ints with one null
+    comes back as floats (5 -> 5.0) and "2024-01-01" may become a date. Here 5 stays the int 5,
+    2.7 the float 2.7, "True" the string "True" and null None; the type pass in ``_validate``
+    then accepts or reports each value as it is.
+    """
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from exc
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}:{number}: expected one JSON object per line, got "
+                    f"{type(record).__name__}: {_short(record)}"
+                )
+            records.append(record)
+    if not records:
+        # An empty table is written as a blank .jsonl file, which carries no column names.
+        empty = {column: pd.Series([], dtype=object) for column in _schema_columns(schema)}
+        return pd.DataFrame(empty)
+    # A key missing from some rows leaves NaN there, which not_nullable reports.
+    return pd.DataFrame(records, dtype=object)
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike[str], schema: Schema) -> None:
     """Validate ``df`` against ``schema``, then write it to ``path`` (Parquet or .jsonl) atomically.
 
     Validation comes first, so a violating frame writes nothing and leaves any existing file
-    untouched. What is written is the validated frame (coerced dtypes) with a fresh 0..n-1
-    index: the row index is not part of any contract, and dropping it keeps readers' row
-    numbers equal to positions in the file.
+    untouched. No value is converted to fit (see the module docstring); what is written is the
+    validated frame, its columns in the schema's dtypes (int64, float64, bool, str), with a
+    fresh 0..n-1 index: the row index is not part of any contract, and dropping it keeps
+    readers' row numbers equal to positions in the file.
     """
     p = Path(path)
     fmt = _table_format(p)
@@ -328,24 +676,21 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str], schema: Schema) 
         if fmt == "parquet":
             valid.to_parquet(tmp, index=False)
         else:
-            valid.to_json(tmp, orient="records", lines=True, force_ascii=False)
+            _write_jsonl(valid, tmp)
 
 
 def read_table(path: str | os.PathLike[str], schema: Schema) -> pd.DataFrame:
-    """Read a Parquet or .jsonl table and return it validated (and coerced) by ``schema``."""
+    """Read a Parquet or .jsonl table and return it validated by ``schema``.
+
+    Values are never converted to fit (a file whose ``correct`` column holds the string "True",
+    or whose token counts are floats, is refused with the rows named); columns come back in the
+    schema's dtypes. Raises SchemaViolation for a table that breaks the schema.
+    """
     p = Path(path)
     fmt = _table_format(p)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: table not found")
-    if fmt == "parquet":
-        df = pd.read_parquet(p)
-    else:
-        # dtype=False / convert_dates=False: keep "00042" a string and "2024-01-01" text;
-        # the schema, not pandas' guessing, decides the types.
-        df = pd.read_json(p, orient="records", lines=True, dtype=False, convert_dates=False)
-        if df.empty and len(df.columns) == 0:
-            # An empty table is written as a blank .jsonl file, which carries no column names.
-            df = pd.DataFrame({column: [] for column in _schema_columns(schema)})
+    df = pd.read_parquet(p) if fmt == "parquet" else _read_jsonl(p, schema)
     hint = (
         "the file does not match what the reader expects: re-run the stage that produces it "
         "(dvc repro) if it predates a schema change, otherwise fix that stage's output."

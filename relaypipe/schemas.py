@@ -5,9 +5,33 @@ reads it with ``read_table(path, SomeSchema)``; both validate, so a producer can
 broken table and a consumer cannot silently read a stale one.
 
 To add a contract, subclass the closest existing model (fields and checks are inherited), e.g.
-a filtered problem table is ``class FilteredProblemSchema(ProblemSchema)`` plus one column.
-Models set ``strict = True`` (no unexpected columns: a renamed column fails loudly instead of
-being dropped) and ``coerce = True`` (Parquet/JSONL round trips may widen or narrow dtypes).
+a filtered problem table is ``class FilteredProblemSchema(ProblemSchema)`` plus one column, and
+list it in ``SCHEMAS``. Models set ``strict = True`` (no unexpected columns: a renamed column
+fails loudly instead of being dropped), ``unique_column_names = True``, and ``coerce = False``.
+
+Strict types: a value is never converted to fit its column
+------------------------------------------------------------
+Coercion once turned a null into False, the strings "True" and "False" into True, 2.7 teacher
+tokens into 2 and difficulty 1.5 into 1, and the stage then overwrote its outputs with them. So
+``read_table``/``write_table`` (relaypipe/io.py) accept a value only if it already has its
+column's type, and report each one that has not by file, column, row and value:
+
+* ``Series[str]``: a str. Numbers, bools and bytes are not turned into text.
+* ``Series[int]``: an int, within int64. Not a bool, not a string ("3"), and not a float, even
+  one without a fractional part (2.0): a float in a count means the producer computed it as
+  one, and whether 2.7 would have been truncated or rounded is exactly what must not be guessed.
+* ``Series[float]``: a finite float, or an int that float64 holds exactly (1 is the float 1.0,
+  as in Python). Not a bool, not a string, and not +-inf.
+* ``Series[bool]``: a bool. Not 0/1, not "True"/"False"/"yes".
+* No column is nullable (pandera's default): None, NaN, pd.NA in any column is reported (by
+  pandera's ``not_nullable`` check), never filled. A column meant to hold nulls must say so
+  with ``pa.Field(nullable=True)`` and a comment on what a null means.
+
+What may change is only the representation of values that pass: an int32, uint8, object or
+nullable ``Int64`` column of ints is handed on as int64, a float32 column as float64, an object
+column of bools as bool, object or categorical text as pandas' str dtype, and an empty column of
+any dtype (an empty JSONL file carries none) as the column's dtype. Nothing else is converted,
+and relaypipe.io refuses a schema that sets ``coerce``.
 """
 
 from __future__ import annotations
@@ -24,6 +48,7 @@ from relaypipe.tasks.base import Problem
 __all__ = [
     "EVAL_MODES",
     "PROBLEM_COLUMNS",
+    "SCHEMAS",
     "SPLITS",
     "EvalRequestSchema",
     "FilteredProblemSchema",
@@ -72,7 +97,8 @@ class ProblemSchema(pa.DataFrameModel):
 
     class Config:
         strict = True
-        coerce = True
+        unique_column_names = True
+        coerce = False  # never convert a value to fit (module docstring)
 
 
 class FilteredProblemSchema(ProblemSchema):
@@ -100,7 +126,8 @@ class SFTExampleSchema(pa.DataFrameModel):
 
     class Config:
         strict = True
-        coerce = True
+        unique_column_names = True
+        coerce = False  # never convert a value to fit (module docstring)
 
 
 def problems_to_frame(problems: list[Problem], split: str) -> pd.DataFrame:
@@ -193,6 +220,16 @@ class EvalRequestSchema(pa.DataFrameModel):
 
     class Config:
         strict = True
-        coerce = True
+        unique_column_names = True
+        coerce = False  # never convert a value to fit (module docstring)
         # One row per problem per run; a duplicate would be counted twice in every average.
         unique = ("benchmark", "mode", "router_p", "problem_id")
+
+
+# Every contract, for checks that must hold for all of them (tests/test_strict_schemas.py).
+SCHEMAS: Final[tuple[type[pa.DataFrameModel], ...]] = (
+    ProblemSchema,
+    FilteredProblemSchema,
+    SFTExampleSchema,
+    EvalRequestSchema,
+)

@@ -35,7 +35,7 @@ class PairSchema(pa.DataFrameModel):
 
     class Config:
         strict = True
-        coerce = True
+        coerce = False
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -146,7 +146,7 @@ def test_table_round_trip(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"t{suffix}"
     write_table(df, path, PairSchema)
     back = read_table(path, PairSchema)
-    # Index is reset; "007" stays a string; the int 0 is coerced to float.
+    # Index is reset; "007" stays a string; the int 0 is the float 0.0 (exactly: not a coercion).
     expected = pd.DataFrame({"key": ["007", "b"], "score": [0.0, 0.25]})
     pd.testing.assert_frame_equal(back, expected, check_dtype=False)
     assert back["score"].dtype == np.float64
@@ -213,6 +213,88 @@ def test_violation_message_is_truncated(tmp_path: Path) -> None:
         write_table(df, tmp_path / "t.parquet", PairSchema)
     assert "more)" in str(info.value)
     assert len(str(info.value)) < 2000
+
+
+@pytest.mark.parametrize(
+    ("key", "score", "line"),
+    [
+        (
+            ["a", "b"],
+            [0.5, "0.5"],
+            "column 'score': type float (found str, not converted) failed at row 1: '0.5'",
+        ),
+        (["a", "b"], [0.5, None], "column 'score': not_nullable failed at row 1: None"),
+        (
+            ["a", "b"],
+            [True, 0.5],
+            "column 'score': type float (found bool, not converted) failed at row 0: True",
+        ),
+        (
+            ["a", 7],
+            [0.5, 0.5],
+            "column 'key': type str (found int, not converted) failed at row 1: 7",
+        ),
+        (["a", None], [0.5, 0.5], "column 'key': not_nullable failed at row 1: None"),
+    ],
+)
+@pytest.mark.parametrize("via", ["write", "read"])
+def test_values_are_not_converted(
+    tmp_path: Path, key: list, score: list, line: str, via: str
+) -> None:
+    path = tmp_path / "t.jsonl"
+    df = pd.DataFrame({"key": key, "score": score}, dtype=object)
+    with pytest.raises(SchemaViolation) as info:
+        if via == "write":
+            write_table(df, path, PairSchema)
+        else:
+            path.write_text("".join(json.dumps(row) + "\n" for row in df.to_dict("records")))
+            read_table(path, PairSchema)
+    assert f"  - {line}" in str(info.value).splitlines()
+    assert str(path) in str(info.value)
+    assert path.exists() == (via == "read")
+
+
+def test_lossless_representations_are_normalized(tmp_path: Path) -> None:
+    df = pd.DataFrame(
+        {
+            "key": pd.Series(["a", "b", "c"], dtype="category"),
+            "score": pd.Series([0, 1, 0.5], dtype=object),  # ints are exact floats
+        }
+    )
+    path = tmp_path / "t.parquet"
+    write_table(df, path, PairSchema)
+    back = read_table(path, PairSchema)
+    assert back["key"].tolist() == ["a", "b", "c"]
+    assert back["score"].dtype == np.float64 and back["score"].tolist() == [0.0, 1.0, 0.5]
+    assert df["score"].dtype == object  # the caller's frame is left as it was
+
+
+def test_read_table_jsonl_keeps_each_value_as_json_typed_it(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    # "007" and "1e3" stay strings; a JSON null is not read as NaN-then-float for the column
+    path.write_text('{"key": "007", "score": 0}\n\n{"key": "1e3", "score": 1}\n')
+    back = read_table(path, PairSchema)
+    assert back["key"].tolist() == ["007", "1e3"]
+    assert back["score"].tolist() == [0.0, 1.0]
+
+
+def test_read_table_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"key": "a", "score": 0.5}\n{"key": "b", \n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: not valid JSON"):
+        read_table(path, PairSchema)
+    path.write_text('{"key": "a", "score": 0.5}\n[1, 2]\n')
+    with pytest.raises(
+        ValueError, match=r"t\.jsonl:2: expected one JSON object per line, got list"
+    ):
+        read_table(path, PairSchema)
+
+
+def test_write_table_jsonl_floats_round_trip_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    scores = [0.1 + 0.2, 1 / 3, 2**-40]
+    write_table(pd.DataFrame({"key": ["a", "b", "c"], "score": scores}), path, PairSchema)
+    assert read_table(path, PairSchema)["score"].tolist() == scores
 
 
 def test_read_table_missing_file_and_unknown_suffix(tmp_path: Path) -> None:

@@ -64,6 +64,14 @@ def test_duplicate_problem_id_detected(tmp_path: Path) -> None:
         ("split", "test", "isin"),
         ("task", "", "str_length"),
         ("answer", None, "not_nullable"),
+        # Issue 15: nothing is converted to fit (difficulty 1.5 used to become 1).
+        ("difficulty", 1.5, "type int (found float, not converted)"),
+        ("difficulty", 2.0, "type int (found float, not converted)"),
+        ("difficulty", "3", "type int (found str, not converted)"),
+        ("difficulty", True, "type int (found bool, not converted)"),
+        ("difficulty", None, "not_nullable"),
+        ("question", 5, "type str (found int, not converted)"),
+        ("split", None, "not_nullable"),
     ],
 )
 def test_invalid_values_rejected(column: str, value: object, check: str) -> None:
@@ -74,6 +82,7 @@ def test_invalid_values_rejected(column: str, value: object, check: str) -> None
         write_table(df, Path("/nonexistent/never-written.parquet"), ProblemSchema)
     message = str(info.value)
     assert f"'{column}'" in message and check in message and "row 1" in message
+    assert f"row 1: {value!r}" in message
 
 
 def test_empty_solution_allowed_and_extra_column_rejected() -> None:
@@ -83,6 +92,20 @@ def test_empty_solution_allowed_and_extra_column_rejected() -> None:
     df["teacher_pass_rate"] = 0.5
     with pytest.raises(SchemaViolation, match="column_in_schema"):
         write_table(df, Path("/nonexistent/x.parquet"), ProblemSchema)
+
+
+def test_float_difficulty_in_file_is_refused(tmp_path: Path) -> None:
+    """A hand-edited table with difficulty as floats is refused, not truncated on the way in."""
+    path = tmp_path / "p.parquet"
+    df = problems_to_frame(make_problems(3), "train")
+    df["difficulty"] = [0.0, 1.5, 2.0]
+    df.to_parquet(path)
+    with pytest.raises(SchemaViolation) as info:
+        read_table(path, ProblemSchema)
+    message = str(info.value)
+    assert str(path) in message
+    assert "column 'difficulty': type int (found float64, not converted) failed at" in message
+    assert "row 1: 1.5" in message
 
 
 def test_problems_to_frame_rejects_unknown_split() -> None:
