@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from relaypipe.relay.backends import GenRequest, GenResult, Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN
 from relaypipe.relay.trace import Source, StopReason
 
 S, T, C = Source.STUDENT, Source.TEACHER, Source.COMMAND
@@ -17,17 +21,27 @@ S, T, C = Source.STUDENT, Source.TEACHER, Source.COMMAND
 
 class ScriptedBackend:
     """Replies to request i with the next chunk of script[i], cut like a real model would be:
-    at the first stop token (included) or at max_new_tokens. Records every context it saw."""
+    at the first stop token (included) or at max_new_tokens. Records every context it saw and
+    every reply it gave. A chunk is text or a list of token ids (to spell what the tokenizer
+    would merge, e.g. ``<call>`` out of single characters). With ``stream=True`` the chunks
+    are one stream and a cut leaves the rest for the next reply; without, the rest of a cut
+    chunk is dropped. An exhausted script replies EOS."""
 
-    def __init__(self, tokenizer, scripts: dict[int, list[str]]):
+    def __init__(self, tokenizer, scripts: dict[int, list], stream: bool = False):
         self.tok = tokenizer
         self.eos_token_ids = frozenset([tokenizer.eos_token_id])
+        self.stream = stream
         self.queues = {i: [self._ids(c) for c in chunks] for i, chunks in scripts.items()}
+        if stream:
+            self.queues = {i: [[t for c in q for t in c]] for i, q in self.queues.items()}
         self.seen: dict[int, list[list[int]]] = defaultdict(list)
+        self.replies: dict[int, list[list[int]]] = defaultdict(list)
         self.released: list[Hashable] = []
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False).input_ids
+    def _ids(self, chunk: str | list[int]) -> list[int]:
+        if not isinstance(chunk, str):
+            return list(chunk)
+        return self.tok(chunk, add_special_tokens=False).input_ids
 
     def generate(
         self,
@@ -40,7 +54,11 @@ class ScriptedBackend:
         for r in requests:
             i = r.key[1]
             self.seen[i].append(list(r.context))
-            chunk = self.queues[i].pop(0) if self.queues[i] else [self.tok.eos_token_id]
+            queue = self.queues.setdefault(i, [])
+            if self.stream:
+                chunk = queue[0] if queue and queue[0] else [self.tok.eos_token_id]
+            else:
+                chunk = queue.pop(0) if queue else [self.tok.eos_token_id]
             toks, finish = [], "length"
             for t in chunk[: r.max_new_tokens]:
                 toks.append(t)
@@ -50,11 +68,62 @@ class ScriptedBackend:
                 if t in self.eos_token_ids:
                     finish = "eos"
                     break
+            if self.stream and queue:
+                del queue[0][: len(toks)]
+            self.replies[i].append(toks)
             out.append(GenResult(tokens=toks, finish=finish, prefill_tokens=len(r.context)))
         return out
 
     def release(self, key: Hashable) -> None:
         self.released.append(key)
+
+
+class ScriptedRouter(random.Random):
+    """A router RNG that returns ``draws`` first (then seeded draws): hand-offs at chosen
+    places. The decoder gives a token to the teacher when a draw is below router_p."""
+
+    def __init__(self, draws: Sequence[float], seed: int = 0):
+        super().__init__(seed)
+        self.draws = list(draws)
+        self.used = 0
+
+    def random(self) -> float:
+        self.used += 1
+        return self.draws.pop(0) if self.draws else super().random()
+
+
+class RoutedDecoder(RelayDecoder):
+    """A RelayDecoder whose random router follows a script per request id: ``routes[i]`` is
+    a list of booleans, True where the router's next draw gives a token to the teacher (with
+    router_p = 0.5). Requests without a route use the real router."""
+
+    def __init__(self, *args, routes: dict[int, Sequence[bool]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.routes = routes
+        self.routers: dict[int, ScriptedRouter] = {}
+
+    def _new_router(self, cfg: RelayConfig, request_id: int) -> random.Random:
+        if request_id not in self.routes:
+            return super()._new_router(cfg, request_id)
+        assert cfg.router_p == 0.5, "a scripted route reads draws against router_p = 0.5"
+        draws = [0.0 if teacher else 0.99 for teacher in self.routes[request_id]]
+        router = self.routers[request_id] = ScriptedRouter(draws, seed=request_id)
+        return router
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (no merges: one token per UTF-8 byte) with the call tags and EOS
+    as special tokens: it spells any text, non-ASCII digits included (the micro tokenizer
+    knows printable ASCII only)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+    fast.add_special_tokens(
+        {"eos_token": "<eos>", "additional_special_tokens": [CALL_OPEN, CALL_CLOSE]}
+    )
+    return fast
 
 
 def run(tokenizer, student_script, teacher_script, prompts=("Q: 1\nA: ",), **cfg):
@@ -225,6 +294,161 @@ def test_batch_of_requests_in_different_states(tokenizer):
     assert [tr.stop_reason for tr in traces] == ["student_eos", "student_eos", "teacher_eos"]
     assert text(tokenizer, traces[0].token_ids) == "<call>2</call>T1b<call>1</call>Uc<eos>"
     assert 1 not in teacher.seen
+
+
+# Non-ASCII decimal digits: Python's \d and int() read them all as numbers, a byte-level
+# tokenizer can spell them, and none is a token count.
+NON_ASCII_DIGITS = {
+    "arabic-indic": "\u0663",  # ٣
+    "extended-arabic-indic": "\u06f3",  # ۳
+    "devanagari": "\u0969",  # ३
+    "bengali": "\u09e9",  # ৩
+    "full-width": "\uff13",  # ３
+    "superscript": "\u00b2",  # ²
+    "math-bold": "\U0001d7d1",  # 𝟑
+    "math-monospace": "\U0001d7f9",  # 𝟹
+    "mixed": "1\u0663",
+    "ascii-digit-non-ascii-space": "\u00a03",  # no-break space before an ASCII 3
+    "ascii-digit-em-space": "3\u2003",
+}
+
+
+@pytest.mark.parametrize("mode", ["relay", "fixed_help"])
+@pytest.mark.parametrize("body", NON_ASCII_DIGITS.values(), ids=NON_ASCII_DIGITS.keys())
+def test_non_ascii_digits_are_a_malformed_command_not_a_token_count(body, mode):
+    tok = byte_tokenizer()
+    command = f"<call>{body}</call>"
+    traces, _, teacher = run(
+        tok, {0: [f"a{command}", "b<eos>"]}, {0: ["never"]}, mode=mode, max_new_tokens=64
+    )
+    tr = traces[0]
+    assert tr.calls == 0 and tr.n_teacher == 0 and not teacher.seen
+    (event,) = tr.events
+    assert event.kind == "malformed" and "not a non-negative integer" in event.detail
+    assert tr.sources.count(C) == len(tok(command, add_special_tokens=False).input_ids)
+    assert tok.decode(tr.token_ids) == f"a{command}b<eos>"
+    assert tr.stop_reason == StopReason.STUDENT_EOS
+
+
+@pytest.mark.parametrize("body", ["3", " 3", "3 ", "\t3\n", "\r\x0b\x0c3 "])
+def test_ascii_digits_with_ascii_whitespace_still_call(body):
+    traces, _, teacher = run(
+        byte_tokenizer(), {0: [f"a<call>{body}</call>", "b<eos>"]}, {0: ["xyz"]}
+    )
+    assert [(h.requested, h.delivered) for h in traces[0].handoffs] == [(3, 3)]
+    assert not traces[0].events and len(teacher.seen[0]) == 1
+
+
+def test_non_ascii_digit_in_the_micro_tokenizer_is_unknown_and_malformed(tokenizer):
+    traces, _, teacher = run(tokenizer, {0: ["a<call>\u0663</call>", "b<eos>"]}, {0: []})
+    (event,) = traces[0].events
+    assert event.kind == "malformed" and traces[0].calls == 0 and not teacher.seen
+
+
+def test_unterminated_nested_command_is_marked_from_its_first_open_tag(tokenizer):
+    traces, _, _ = run(tokenizer, {0: ["ab<call>3<call>2<eos>"]}, {0: []})
+    tr = traces[0]
+    assert [e.kind for e in tr.events] == ["unterminated"]
+    assert tr.sources == [S, S, C, C, C, C, C]
+
+
+def chars(tokenizer, text: str) -> list[int]:
+    """``text`` one character token at a time: ``<call>`` spelled out, not the tag token."""
+    return tokenizer.convert_tokens_to_ids(list(text))
+
+
+def routed_run(tokenizer, student_stream, teacher_script, route, **cfg):
+    """Request 0 with a streamed student and the router's hand-offs set by ``route``."""
+    student = ScriptedBackend(tokenizer, {0: student_stream}, stream=True)
+    teacher = ScriptedBackend(tokenizer, teacher_script)
+    config = RelayConfig(mode="random_router", router_p=0.5, **cfg)
+    dec = RoutedDecoder(student, teacher, tokenizer, config, routes={0: route})
+    (trace,) = dec.decode_text(["Q: 1\nA: "])
+    return trace, student, teacher
+
+
+def test_router_hand_off_inside_an_open_command_abandons_it(tokenizer):
+    # the router gives token 4 (after "ab<call>1") to the teacher, one token long
+    route = [False] * 4 + [True, False] + [False] * 40
+    tr, student, teacher = routed_run(
+        tokenizer, ["ab<call>1", "2</call>c<eos>"], {0: ["X"]}, route, max_new_tokens=64
+    )
+    assert text(tokenizer, tr.token_ids) == "ab<call>1X2</call>c<eos>"
+    assert tr.sources == [S, S, C, C, T, S, C, S, S]
+    # the teacher continued the text before the command; the student kept its own view
+    assert [text(tokenizer, v) for v in teacher.seen[0]] == ["Q: 1\nA: ab"]
+    assert text(tokenizer, student.seen[0][1]) == "Q: 1\nA: ab<call>1X"
+    unterminated, stray = tr.events
+    assert (unterminated.kind, unterminated.position) == ("unterminated", 3)
+    assert "abandoned" in unterminated.detail
+    assert stray.kind == "malformed" and "without" in stray.detail
+    # accounting: the teacher's run as drawn, the abandoned tokens the student's
+    (h,) = tr.handoffs
+    assert (h.start, h.requested, h.granted, h.delivered) == (4, 1, 1, 1)
+    assert (tr.n_teacher, tr.n_student, tr.n_command) == (1, 8, 3)
+    assert h.context_tokens == len(teacher.seen[0][0])
+
+
+def test_router_hand_off_right_after_an_open_tag_and_inside_a_nested_one(tokenizer):
+    route = [False] * 4 + [True, True, False] + [False] * 40
+    tr, _, teacher = routed_run(
+        tokenizer, ["a<call>3<call>", "<eos>"], {0: ["XY"]}, route, max_new_tokens=64
+    )
+    assert text(tokenizer, tr.token_ids) == "a<call>3<call>XY<eos>"
+    assert tr.sources == [S, C, C, C, T, T, S]
+    assert [text(tokenizer, v) for v in teacher.seen[0]] == ["Q: 1\nA: a"]
+    assert [e.kind for e in tr.events] == ["unterminated"]
+
+
+def test_router_hand_off_after_a_closed_command_leaves_it_as_it_was(tokenizer):
+    route = [False] * 8 + [True, False] + [False] * 40
+    tr, _, teacher = routed_run(
+        tokenizer, ["ab<call>12</call>cd<eos>"], {0: ["X"]}, route, max_new_tokens=64
+    )
+    assert text(tokenizer, tr.token_ids) == "ab<call>12</call>cdX<eos>"
+    assert tr.sources == [S, S, C, C, C, C, S, S, T, S]
+    assert [e.kind for e in tr.events] == ["blocked"]
+    assert [text(tokenizer, v) for v in teacher.seen[0]] == ["Q: 1\nA: abcd"]
+
+
+def test_tags_the_teacher_writes_stay_its_tokens_but_are_hidden_from_its_view(tokenizer):
+    open_id, close_id = tokenizer.convert_tokens_to_ids([CALL_OPEN, CALL_CLOSE])
+    x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
+    traces, _, teacher = run(
+        tokenizer,
+        {0: ["a<call>4</call>", "b<call>2</call>", "c<eos>"]},
+        {0: [[x, open_id, y, close_id], "zz"]},
+    )
+    tr = traces[0]
+    assert text(tokenizer, tr.token_ids) == "a<call>4</call>x<call>y</call>b<call>2</call>zzc<eos>"
+    assert tr.n_teacher == 6 and sum(h.delivered for h in tr.handoffs) == 6
+    assert [text(tokenizer, v) for v in teacher.seen[0]] == ["Q: 1\nA: a", "Q: 1\nA: axyb"]
+    assert tr.teacher_mask()[4:8] == [1, 1, 1, 1]
+
+
+def test_tags_spelled_out_in_characters_are_no_command_and_hidden_from_the_teacher(tokenizer):
+    spelled = chars(tokenizer, "a<call>5</call>b<ca")
+    traces, _, teacher = run(
+        tokenizer, {0: [spelled, "<call>2</call>", "c<eos>"]}, {0: ["zz"]}, max_new_tokens=64
+    )
+    tr = traces[0]
+    # spelled tags are text: no hand-off and no event of theirs, the tag tokens hand off
+    assert len(tr.handoffs) == 1 and [e.kind for e in tr.events] == []
+    assert tr.sources[: len(spelled)] == [S] * len(spelled)
+    # the teacher sees neither the spelled tags nor the "<ca" its view would end in
+    assert [text(tokenizer, v) for v in teacher.seen[0]] == ["Q: 1\nA: a5b"]
+    assert text(tokenizer, tr.token_ids) == "a<call>5</call>b<ca<call>2</call>zzc<eos>"
+
+
+def test_a_spelled_tag_prefix_is_hidden_only_where_it_ends_the_view(tokenizer):
+    # hand-offs after "1<ca" (hidden: it may become a tag) and after "1<caXd" (not a tag)
+    route = [False] * 4 + [True, False] + [False] * 1 + [True, False] + [False] * 40
+    tr, _, teacher = routed_run(
+        tokenizer, [chars(tokenizer, "1<cad"), "<eos>"], {0: ["X", "Y"]}, route, max_new_tokens=64
+    )
+    assert text(tokenizer, tr.token_ids) == "1<caXdY<eos>"
+    assert [text(tokenizer, v) for v in teacher.seen[0]] == ["Q: 1\nA: 1", "Q: 1\nA: 1<caXd"]
+    assert not tr.events
 
 
 def _real_decoder(tiny_models, tokenizer, use_cache=True):

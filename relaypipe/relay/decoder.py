@@ -17,6 +17,34 @@ Modes:
   teacher        the teacher writes everything
   random_router  each next token goes to the teacher with probability ``router_p``
   fixed_help     every call gets ``fixed_n`` tokens whatever n it asked for
+
+What the teacher sees. In every mode and at every hand-off the teacher's view holds no call
+tag and no part of a command:
+
+* A command is marked (Source.COMMAND) from its open tag through its close tag, whether it is
+  honoured, blocked, refused, clipped or malformed; a stray close tag alone is marked too.
+* A hand-off inside an open command (only the random router can do it: in the other modes the
+  student hands over by closing a command) *abandons* the command: its tokens so far, from the
+  first unclosed ``<call>`` of the student's current run to the hand-off, are marked and
+  recorded as an ``unterminated`` event, and the teacher continues the text before the
+  command. The router does not wait for the close tag: waiting would move teacher tokens to
+  right after the student's commands, where the student wanted help, and so leak the
+  student's calls into a baseline that must place its help blindly. Its draws, the hand-off
+  positions and the teacher's run lengths are what they are without commands; only the
+  teacher's view changes. Accounting follows the tokens: the abandoned tokens stay the
+  student's (``n_student``, ``n_command``), the teacher's run is counted in full, as before. The
+  student resumes from its own view, the abandoned part included; a ``</call>`` it writes later
+  has no open tag in its run and is a malformed stray close.
+* Tag tokens the decoder did not mark (the teacher's own: it shares the vocabulary) are left
+  out of the teacher's view but stay the teacher's tokens in the trace.
+* The decoder honours only the tag *tokens*. Ordinary tokens that spell a tag as text
+  (``<``, ``call``, ``>``) are no command and nobody's call, but the teacher does not see them
+  either, nor a partial spelling (``<ca``) that ends its view and could become one. A bare
+  ``<`` ending the text at a hand-off is hidden for the same reason, even where it was a
+  less-than sign. The prompt is passed as it is.
+
+:meth:`RelayTrace.teacher_view_ids` with the tag ids and the tokenizer's text of each token
+rebuilds exactly the context of any hand-off from the trace cut at its start.
 """
 
 from __future__ import annotations
@@ -107,6 +135,7 @@ class RelayDecoder:
                 "with relaypipe.models.add_call_tokens() before decoding"
             )
         self.open_id, self.close_id = ids
+        self._pieces: dict[int, str] = {}  # token id -> its text (for spelled-out tags)
 
     # ------------------------------------------------------------------ public API
     def decode(
@@ -159,7 +188,7 @@ class RelayDecoder:
             trace=RelayTrace(request_id=i, prompt_ids=prompt),
             student_gen=torch.Generator().manual_seed(2 * base),
             teacher_gen=torch.Generator().manual_seed(2 * base + 1),
-            router=random.Random(f"router/{cfg.seed}/{i}"),
+            router=self._new_router(cfg, i),
             key=(batch_id, i),
             started=t0,
         )
@@ -170,6 +199,11 @@ class RelayDecoder:
         return st
 
     @staticmethod
+    def _new_router(cfg: RelayConfig, request_id: int) -> random.Random:
+        """The random router's RNG of one request (tests replace it to pick hand-offs)."""
+        return random.Random(f"router/{cfg.seed}/{request_id}")
+
+    @staticmethod
     def _draw_student_run(st: _State, cfg: RelayConfig) -> int:
         """Index of the next token the router gives to the teacher (geometric gaps)."""
         i = len(st.trace.token_ids)
@@ -178,6 +212,7 @@ class RelayDecoder:
         return i
 
     def _finish(self, st: _State, reason: str) -> None:
+        self._mark_unterminated(st)  # however the request ends, an open command stays one
         st.phase = "done"
         st.trace.stop_reason = reason
         st.trace.seconds = time.perf_counter() - st.started
@@ -230,14 +265,12 @@ class RelayDecoder:
         if res.finish == "stop":
             self._handle_command(st, cfg, turn_start=start)
         elif res.finish == "eos":
-            self._mark_unterminated(st)
             self._finish(st, StopReason.STUDENT_EOS)
             return
         room = self._room(st, cfg)
         if st.phase == "teacher":
             return
         if room <= 0:
-            self._mark_unterminated(st)
             self._finish(st, StopReason.MAX_NEW_TOKENS)
         elif cfg.mode == "random_router":
             if len(tr.token_ids) >= st.next_router_switch:
@@ -246,25 +279,40 @@ class RelayDecoder:
             self._finish(st, StopReason.MAX_TURNS)
 
     def _open_index(self, st: _State) -> int | None:
-        """Index of the last ``<call>`` the student wrote that is not yet part of a command."""
+        """Index of the first ``<call>`` of the student's current run (its tokens since the
+        last token that is not the student's), which is not yet part of a command. A close tag
+        ends the student's turn and is marked, so no open tag of the run has been closed; with
+        several (nested) the command starts at the first."""
         tr = st.trace
+        first = None
         for j in range(len(tr.token_ids) - 1, -1, -1):
             if tr.sources[j] != Source.STUDENT:
-                return None
+                break
             if tr.token_ids[j] == self.open_id:
-                return j
-        return None
+                first = j
+        return first
 
-    def _mark_unterminated(self, st: _State) -> None:
+    def _mark_unterminated(self, st: _State, detail: str = f"{CALL_OPEN} never closed") -> None:
         j = self._open_index(st)
         if j is None:
             return
         tr = st.trace
         for k in range(j, len(tr.token_ids)):
             tr.sources[k] = Source.COMMAND
-        tr.events.append(
-            CallEvent(len(tr.token_ids) - 1, "unterminated", f"{CALL_OPEN} never closed")
+        tr.events.append(CallEvent(len(tr.token_ids) - 1, "unterminated", detail))
+
+    def _piece(self, token: int) -> str:
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=True)
+        return text
+
+    def _teacher_view(self, st: _State) -> list[int]:
+        """The context of a hand-off: an open command is abandoned first (module docstring)."""
+        self._mark_unterminated(
+            st, f"{CALL_OPEN} not closed when the pen passed to the teacher: abandoned"
         )
+        return st.trace.teacher_view_ids((self.open_id, self.close_id), self._piece)
 
     def _handle_command(self, st: _State, cfg: RelayConfig, turn_start: int) -> None:
         tr = st.trace
@@ -319,7 +367,7 @@ class RelayDecoder:
             reqs.append(
                 GenRequest(
                     key=st.key,
-                    context=st.trace.teacher_view_ids(),
+                    context=self._teacher_view(st),
                     max_new_tokens=st.grant,
                     generator=st.teacher_gen,
                 )

@@ -3,13 +3,17 @@
 A :class:`RelayTrace` is the one record the rest of relaypipe reads: training turns it into
 completion ids and an ``env_mask``; evaluation and cost accounting read its counts and
 hand-offs. Token lists are in the *student's* view (commands included); the teacher's view is
-the same list with command tokens dropped.
+the same list with command tokens dropped, and with any other tag token and any tag spelled out
+in ordinary tokens (see :meth:`RelayTrace.teacher_view_ids`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+from relaypipe.relay.grammar import spelled_tag_mask
 
 
 class Source(IntEnum):
@@ -17,7 +21,10 @@ class Source(IntEnum):
 
     STUDENT = 0
     TEACHER = 1
-    COMMAND = 2  # part of a call command (written by the student, never shown to the teacher)
+    # part of a call command (written by the student, never shown to the teacher): a closed
+    # one, a malformed one, a stray close tag, or an open one never closed (at the end of the
+    # request, or abandoned when the pen passed to the teacher before its close tag)
+    COMMAND = 2
 
 
 class StopReason:
@@ -46,7 +53,9 @@ class CallEvent:
     """Something notable about a command: malformed, clipped, refused by a budget or a mode."""
 
     position: int  # index into RelayTrace.token_ids of the command's closing tag (or last token)
-    kind: str  # "malformed" | "clipped" | "budget" | "blocked" | "unterminated" | "teacher_error"
+    # "malformed" | "clipped" | "budget" | "blocked" | "unterminated" | "teacher_error";
+    # "unterminated": a <call> never closed, at the end of the request or at a hand-off
+    kind: str
     detail: str
 
 
@@ -103,9 +112,27 @@ class RelayTrace:
     def teacher_context_tokens(self) -> int:
         return sum(h.context_tokens for h in self.handoffs)
 
-    def teacher_view_ids(self) -> list[int]:
-        """Prompt plus generated tokens without commands: what the teacher sees."""
-        kept = [t for t, s in zip(self.token_ids, self.sources, strict=True) if s != Source.COMMAND]
+    def teacher_view_ids(
+        self,
+        tag_ids: Collection[int] = (),
+        piece: Callable[[int], str] | None = None,
+    ) -> list[int]:
+        """Prompt plus generated tokens as the teacher sees them: without commands (tokens of
+        Source.COMMAND), without any other token in ``tag_ids`` (a tag the teacher wrote
+        itself, which stays the teacher's token in the trace), and, given ``piece`` (the text
+        of a token), without ordinary tokens that spell a tag out or end the view in part of
+        one (:func:`~relaypipe.relay.grammar.spelled_tag_mask`). The prompt is kept as given.
+        The relay decoder passes both; without them this is the view with commands dropped.
+        """
+        tags = frozenset(tag_ids)
+        kept = [
+            t
+            for t, s in zip(self.token_ids, self.sources, strict=True)
+            if s != Source.COMMAND and t not in tags
+        ]
+        if piece is not None:
+            spelled = spelled_tag_mask([piece(t) for t in kept])
+            kept = [t for t, hide in zip(kept, spelled, strict=True) if not hide]
         return self.prompt_ids + kept
 
     def teacher_mask(self) -> list[int]:
