@@ -9,6 +9,10 @@ The API key is read from an environment variable (``--api-key-env``, default
 ``RELAYPIPE_API_KEY``) rather than a flag, so it never shows up in the process list; when
 that variable is unset the server accepts every request, which is why it binds loopback by
 default.
+
+Every operator option that bounds a request's work is a ceiling: a request may ask for less,
+never more (over the cap: a 400 naming the field), and a request that leaves the field out or
+sends ``null`` gets the operator's value, never "unbounded" (see :data:`LIMITS_HELP`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starlette.applications import Starlette
-
-from relaypipe.relay.decoder import MODES, RelayConfig
+if TYPE_CHECKING:  # the CLI's --help must not import torch, transformers or the server
+    from starlette.applications import Starlette
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +76,67 @@ def build_teacher(args: argparse.Namespace, tok: Any) -> Any:
     return teacher.backend
 
 
+# relaypipe.relay.decoder.MODES, spelled out so that building the parser imports no torch
+# (tests/test_serve.py checks the two agree)
+MODES = ("relay", "student", "teacher", "random_router", "fixed_help")
+
+LIMITS_HELP = """\
+limits: every option below that bounds a request's work is a ceiling. A request may ask
+for less, never more (asking more is a 400 naming the field), and a field a request leaves
+out or sends as null means the operator's value, never "unbounded".
+  --max-tokens N          cap on a request's max_tokens (absent: min(16, N), OpenAI's default)
+  --max-prompt-tokens N   tokens per prompt;   --max-prompts N   prompts per request
+  --max-body-bytes N      request body size (larger: 413)
+relay mode (a request's "relay": {...} options):
+  --max-teacher-tokens N  teacher tokens per prompt (relay.max_teacher_tokens; default: none)
+  --max-calls N           calls per prompt (relay.max_calls; default: none)
+  --max-call-tokens N     tokens one call may borrow (relay.max_call_tokens)
+  --max-turns N           student rounds per prompt (relay.max_turns)
+  --allowed-modes M ...   the modes a request may choose (relay.mode; default: all)
+  In modes teacher and random_router, where the student makes no calls, the teacher budgets
+  also lower the request's max_tokens (each teacher token and each hand-off takes one token).
+  --relay-mode (within --allowed-modes), --router-p, --fixed-n and --seed are defaults
+  a request may change.
+Bad requests (wrong types, out-of-range numbers, unknown fields, non-JSON) get an
+OpenAI-style JSON 4xx: {"error": {"message", "type", "param", "code"}}.
+"""
+
+
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``serve`` subcommand."""
-    p = sub.add_parser("serve", help="serve a model or the relay over an OpenAI-compatible API")
+    p = sub.add_parser(
+        "serve",
+        help="serve a model or the relay over an OpenAI-compatible API",
+        description="Serve a model (--model) or the relay system (--student) over an\n"
+        "OpenAI-compatible /v1/completions API.",
+        epilog=LIMITS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    positive, non_negative = _int_at_least(1), _int_at_least(0)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="mode 'model': serve this model directory (or hub id)")
     what.add_argument("--student", help="mode 'relay': the student model directory")
@@ -85,27 +146,63 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="RELAYPIPE_API_KEY", help="env var with the key")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-prompt-tokens", type=int, default=8192)
-    p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
-    p.add_argument("--max-batch", type=int, default=16, help="micro-batch size (model mode)")
+    p.add_argument(
+        "--max-body-bytes", type=positive, default=1 << 20, help="largest request body (413)"
+    )
+    p.add_argument(
+        "--max-prompt-tokens", type=positive, default=8192, help="cap on tokens per prompt"
+    )
+    p.add_argument("--max-prompts", type=positive, default=64, help="cap on prompts in one request")
+    p.add_argument(
+        "--max-tokens",
+        "--max-tokens-cap",
+        dest="max_tokens_cap",
+        type=positive,
+        default=4096,
+        help="cap on a request's max_tokens (absent in a request: min(16, this))",
+    )
+    p.add_argument("--max-batch", type=positive, default=16, help="micro-batch size (model mode)")
     p.add_argument(
         "--cache-slots",
-        type=int,
+        type=non_negative,
         default=64,
         help="prefix-cache slots: >= concurrent relay requests",
     )
 
     relay = p.add_argument_group("relay mode")
     add_teacher_arguments(relay, required=False)
-    relay.add_argument("--relay-mode", choices=MODES, default="relay")
-    relay.add_argument("--max-turns", type=int, default=32)
-    relay.add_argument("--max-call-tokens", type=int, default=64)
-    relay.add_argument("--max-teacher-tokens", type=int, default=None)
-    relay.add_argument("--max-calls", type=int, default=None)
-    relay.add_argument("--router-p", type=float, default=0.1)
-    relay.add_argument("--fixed-n", type=int, default=8)
-    relay.add_argument("--seed", type=int, default=0)
+    relay.add_argument(
+        "--relay-mode", choices=MODES, default="relay", help="the mode of requests that name none"
+    )
+    relay.add_argument(
+        "--allowed-modes",
+        nargs="+",
+        choices=MODES,
+        default=None,
+        metavar="MODE",
+        help=f"modes a request may ask for (default: all of {', '.join(MODES)})",
+    )
+    relay.add_argument(
+        "--max-turns", type=positive, default=32, help="cap on student rounds per prompt"
+    )
+    relay.add_argument(
+        "--max-call-tokens", type=positive, default=64, help="cap on tokens one call borrows"
+    )
+    relay.add_argument(
+        "--max-teacher-tokens",
+        type=non_negative,
+        default=None,
+        help="cap on teacher tokens per prompt (default: none)",
+    )
+    relay.add_argument(
+        "--max-calls",
+        type=non_negative,
+        default=None,
+        help="cap on calls per prompt (default: none)",
+    )
+    relay.add_argument("--router-p", type=_probability, default=0.1, help="random_router default")
+    relay.add_argument("--fixed-n", type=positive, default=8, help="fixed_help default")
+    relay.add_argument("--seed", type=non_negative, default=0, help="seed of unseeded requests")
     return p
 
 
@@ -113,15 +210,19 @@ def build_app(args: argparse.Namespace) -> Starlette:
     """The app ``args`` describe (loads the models); separate from :func:`run` for tests."""
     from relaypipe.models import load_model
     from relaypipe.relay.backends import TransformersBackend
-    from relaypipe.relay.decoder import RelayDecoder
+    from relaypipe.relay.decoder import RelayConfig, RelayDecoder
     from relaypipe.serve import RelayEngine, ServeLimits, build_model_engine, make_app
 
-    limits = ServeLimits(
-        max_body_bytes=args.max_body_bytes,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens_cap,
-        max_batch=args.max_batch,
-    )
+    try:
+        limits = ServeLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens=args.max_tokens_cap,
+            max_prompts=getattr(args, "max_prompts", 64),
+            max_batch=args.max_batch,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.model:
         if args.teacher or args.teacher_url:
@@ -138,6 +239,12 @@ def build_app(args: argparse.Namespace) -> Starlette:
 
     if not (args.teacher or args.teacher_url):
         raise SystemExit("error: relay mode needs --teacher or --teacher-url")
+    allowed = getattr(args, "allowed_modes", None)
+    if allowed is not None and args.relay_mode not in allowed:
+        modes = " ".join(allowed)
+        raise SystemExit(
+            f"error: --relay-mode {args.relay_mode} is not among --allowed-modes {modes}"
+        )
     try:
         config = RelayConfig(
             mode=args.relay_mode,
@@ -154,7 +261,10 @@ def build_app(args: argparse.Namespace) -> Starlette:
     student, tok = load_model(args.student, device=args.device, dtype=args.dtype)
     teacher = build_teacher(args, tok)
     decoder = RelayDecoder(TransformersBackend(student, name="student"), teacher, tok, config)
-    engine = RelayEngine(decoder, args.name or "relay", config)
+    try:
+        engine = RelayEngine(decoder, args.name or "relay", config, allowed_modes=allowed)
+    except ValueError as err:  # a seed the decoder cannot scale, say
+        raise SystemExit(f"error: {err}") from err
     return make_app(engine, api_key=api_key, limits=limits)
 
 

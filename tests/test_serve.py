@@ -47,8 +47,14 @@ def relay_server(tiny_models, tokenizer):
 
 
 def post(srv, body, key: str | None = None, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(f"{srv.url}/v1/completions", json=body, headers=headers, timeout=30, **kw)
+    """POST a body as Python's json writes it: NaN, Infinity and lone surrogates included."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    content = json.dumps(body).encode()
+    return httpx.post(
+        f"{srv.url}/v1/completions", content=content, headers=headers, timeout=30, **kw
+    )
 
 
 def test_relay_with_teacher_over_http_equals_in_process(teacher_server, tiny_models, tokenizer):
@@ -255,3 +261,288 @@ def test_relay_server_with_an_unreachable_teacher_answers_502(tiny_models, token
     sock.close()
     assert r.status_code == 502
     assert dead in r.json()["error"]["message"] and "ConnectError" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------- limits and caps
+def test_cli_modes_match_the_decoder():
+    from relaypipe.cli_serve import MODES as CLI_MODES
+    from relaypipe.relay.decoder import MODES
+
+    assert CLI_MODES == MODES
+
+
+def test_serve_cli_help_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, sys\n"
+        "from relaypipe import cli_serve\n"
+        "p = argparse.ArgumentParser(); cli_serve.add_parser(p.add_subparsers())\n"
+        "bad = [m for m in ('torch', 'transformers', 'relaypipe.serve') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({**OK, "seed": 2**63}, "seed", "<= 9223372036854775807"),
+        ({**OK, "seed": 2**64}, "seed", "<="),
+        ({**OK, "seed": -1}, "seed", ">= 0"),
+        ({**OK, "seed": True}, "seed", "must be an integer"),
+        ({**OK, "max_tokens": True}, "max_tokens", "must be an integer"),
+        ({**OK, "max_tokens": 4.0}, "max_tokens", "must be an integer"),
+        ({**OK, "max_tokens": -1}, "max_tokens", ">= 1"),
+        ({**OK, "max_tokens": 10**30}, "max_tokens", "<="),
+        ({**OK, "max_tokens": [4]}, "max_tokens", "must be an integer"),
+        ({**OK, "temperature": 1e-300}, "temperature", "at least 1e-05"),
+        ({**OK, "temperature": 101}, "temperature", "must be in"),
+        ({**OK, "temperature": 10**400}, "temperature", "out of range"),
+        ({**OK, "temperature": True}, "temperature", "must be a number"),
+        ({**OK, "top_k": -2}, "top_k", ">= -1"),
+        ({**OK, "prompt": [1, -1]}, "prompt", "outside the vocabulary"),
+        ({**OK, "prompt": [1, True]}, "prompt", "must be a string"),
+        ({**OK, "prompt": [[1], []]}, "prompt", "'prompt[1]' is empty"),
+        ({**OK, "prompt": "\ud800"}, "prompt", "lone surrogate"),
+        ({**OK, "stop_token_ids": [1, 10**6]}, "stop_token_ids", "outside the vocabulary"),
+        ({**OK, "stop_token_ids": [True]}, "stop_token_ids", "must be an integer"),
+        ({**OK, "return_token_ids": 1}, "return_token_ids", "must be a boolean"),
+        ({**OK, "n": True}, "n", "must be an integer"),
+        ({**OK, "logprobs": 1}, "logprobs", "not supported"),
+        ({**OK, "max_token": 4}, "max_token", "unrecognized request argument"),
+        ({**OK, "relay": {"mode": "teacher"}, "seed": 3}, "relay", "relay-mode server"),
+    ],
+)
+def test_types_and_limits_are_4xx_naming_field_and_value(guarded_server, body, param, words):
+    r = post(guarded_server, body, key=KEY)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["param"] == param, err
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 10_000 + b"]" * 10_000,
+        b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        b"\xff\xfe\x00",
+        b"",
+        b"null",
+        b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}",
+        b'{"prompt": "a", "temperature": NaN}',
+    ],
+)
+def test_unparseable_bodies_are_json_400(teacher_server, raw):
+    headers = {"Content-Type": "application/json"}
+    r = httpx.post(f"{teacher_server.url}/v1/completions", content=raw, headers=headers, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_max_tokens_absent_is_the_default_under_the_cap(tiny_models, tokenizer):
+    engine = ModelEngine(TransformersBackend(tiny_models[1]), tokenizer, "teacher")
+    limits = ServeLimits(max_tokens=5)
+    with ServerThread(make_app(engine, limits=limits)) as srv:
+        # an untrained model rarely stops early: greedy from a fixed prompt runs to the cap
+        for body in ({"prompt": [5, 6]}, {"prompt": [5, 6], "max_tokens": None}):
+            r = post(srv, {**body, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
+        assert post(srv, {"prompt": [5, 6], "max_tokens": 6}).status_code == 400
+
+
+def test_seeds_at_the_engines_limits(teacher_server, relay_server):
+    from relaypipe.serve import RELAY_MAX_SEED
+
+    sampled = {"prompt": "Q: 1\nA: ", "max_tokens": 3, "temperature": 1.0}
+    assert post(teacher_server, {**sampled, "seed": 2**63 - 1}).status_code == 200
+    assert post(teacher_server, {**sampled, "prompt": ["a", "b"], "seed": 2**63 - 1}).is_success
+    assert post(relay_server, {**sampled, "seed": RELAY_MAX_SEED}).status_code == 200
+    r = post(relay_server, {**sampled, "seed": RELAY_MAX_SEED + 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    assert str(RELAY_MAX_SEED) in r.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def capped_relay(tiny_models, tokenizer):
+    """A relay server whose operator capped teacher tokens, calls, turns and modes."""
+    student, teacher = tiny_models
+    dec = RelayDecoder(TransformersBackend(student), TransformersBackend(teacher), tokenizer)
+    cfg = RelayConfig(
+        mode="random_router",
+        router_p=1.0,
+        max_teacher_tokens=6,
+        max_calls=3,
+        max_call_tokens=4,
+        max_turns=5,
+        seed=1,
+    )
+    engine = RelayEngine(
+        dec, "relay", cfg, allowed_modes=("random_router", "teacher", "relay", "student")
+    )
+    with ServerThread(make_app(engine, limits=ServeLimits(max_tokens=24))) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize(
+    ("relay", "param"),
+    [
+        ({"max_teacher_tokens": 7}, "relay.max_teacher_tokens"),
+        ({"max_calls": 4}, "relay.max_calls"),
+        ({"max_call_tokens": 5}, "relay.max_call_tokens"),
+        ({"max_turns": 6}, "relay.max_turns"),
+        ({"mode": "fixed_help"}, "relay.mode"),
+        ({"mode": "nonsense"}, "relay.mode"),
+        ({"mode": 3}, "relay.mode"),
+        ({"max_call_tokens": 2.5}, "relay.max_call_tokens"),
+        ({"max_calls": True}, "relay.max_calls"),
+        ({"router_p": float("nan")}, "relay.router_p"),
+        ({"router_p": 1.5}, "relay.router_p"),
+        ({"fixed_n": 0}, "relay.fixed_n"),
+        ({"bogus": 1}, "relay"),
+    ],
+)
+def test_a_request_cannot_raise_the_operators_relay_caps(capped_relay, relay, param):
+    r = post(capped_relay, {"prompt": "Q: 1\nA: ", "max_tokens": 8, "relay": relay})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+@pytest.mark.parametrize("mode", ["teacher", "random_router", "relay"])
+@pytest.mark.parametrize("asked", [None, 6, 2])
+def test_teacher_budget_holds_in_every_mode(capped_relay, mode, asked):
+    relay = {"mode": mode, "max_teacher_tokens": asked}
+    r = post(capped_relay, {"prompt": PROMPTS, "max_tokens": 24, "temperature": 0, "relay": relay})
+    assert r.status_code == 200, r.text
+    budget = 6 if asked is None else asked
+    for choice in r.json()["choices"]:
+        assert choice["relay"]["teacher_tokens"] <= budget
+        assert choice["relay"]["calls"] <= 3
+    if mode == "teacher":  # all tokens are the teacher's: it wrote until its budget ran out
+        assert {len(c["token_ids"]) for c in r.json()["choices"]} <= set(range(1, budget + 1))
+
+
+def test_a_zero_teacher_budget_in_teacher_mode_is_a_400(capped_relay):
+    body = {"prompt": "Q: 1\nA: ", "relay": {"mode": "teacher", "max_teacher_tokens": 0}}
+    r = post(capped_relay, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "relay.max_teacher_tokens"
+    body = {"prompt": "Q: 1\nA: ", "relay": {"mode": "student", "max_teacher_tokens": 0}}
+    assert post(capped_relay, body).status_code == 200
+
+
+def test_cli_relay_server_caps_teacher_tokens_and_modes(tmp_path, tiny_models, tokenizer):
+    """Issue 15: --max-teacher-tokens 12, then mode teacher with max_teacher_tokens null."""
+    for name, model in zip(("student", "teacher"), tiny_models, strict=True):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    base = [
+        *("serve", "--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher")),
+        *("--device", "cpu", "--api-key-env", ""),
+    ]
+    caps = ["--max-teacher-tokens", "12", "--max-tokens", "40"]
+    modes = ["--allowed-modes", "relay", "teacher", "student"]
+    with ServerThread(build_app(parser.parse_args([*base, *caps, *modes]))) as srv:
+        body = {"prompt": "Q: 1\nA: ", "max_tokens": 32, "temperature": 0}
+        r = post(srv, {**body, "relay": {"mode": "teacher", "max_teacher_tokens": None}})
+        assert r.status_code == 200, r.text
+        assert 0 < r.json()["choices"][0]["relay"]["teacher_tokens"] <= 12
+        r = post(srv, {**body, "relay": {"mode": "teacher", "max_teacher_tokens": 13}})
+        assert r.status_code == 400 and "cap of 12" in r.json()["error"]["message"]
+        r = post(srv, {**body, "relay": {"mode": "random_router"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "relay.mode"
+        assert post(srv, {**body, "max_tokens": 41}).status_code == 400
+    with pytest.raises(SystemExit):  # the default mode must be one a request may use
+        build_app(parser.parse_args([*base, "--allowed-modes", "teacher"]))
+
+
+# ---------------------------------------------------------------------------- isolation
+class PoisonBackend(TransformersBackend):
+    """Fails any batch that holds a prompt starting with the poison token id."""
+
+    POISON = 7
+
+    def generate(self, requests, **kw):
+        if any(r.context and r.context[0] == self.POISON for r in requests):
+            raise RuntimeError("poisoned batch")
+        return super().generate(requests, **kw)
+
+
+class RecordingEngine(ModelEngine):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.batch_sizes: list[int] = []
+
+    def run(self, jobs):
+        self.batch_sizes.append(len(jobs))
+        super().run(jobs)
+
+
+def test_a_decode_failure_fails_only_its_own_request(tiny_models, tokenizer):
+    engine = RecordingEngine(PoisonBackend(tiny_models[1]), tokenizer, "teacher")
+    limits = ServeLimits(batch_wait_s=0.05)
+    good = [
+        {"prompt": [10 + i, 11, 12], "max_tokens": 5, "temperature": t, "seed": i}
+        for i in range(8)
+        for t in (0, 1.0)
+    ]
+    bad = [
+        {"prompt": [PoisonBackend.POISON, 11], "max_tokens": 5, "temperature": t} for t in (0, 1.0)
+    ]
+    with ServerThread(make_app(engine, limits=limits)) as srv:
+        alone = [post(srv, b).json()["choices"][0]["token_ids"] for b in good]
+        engine.batch_sizes.clear()
+        mixed = [*bad, *good[:8], *bad, *good[8:]]
+        with ThreadPoolExecutor(len(mixed)) as pool:
+            replies = list(pool.map(lambda b: post(srv, b), mixed))
+    assert max(engine.batch_sizes) > 1  # they really shared batches
+    for body, r in zip(mixed, replies, strict=True):
+        if body in bad:
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        else:  # every good request: 200 and exactly what it got alone
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == alone[good.index(body)]
+
+
+def test_wrong_method_is_a_json_405(guarded_server):
+    r = httpx.get(f"{guarded_server.url}/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+class EchoEngine:
+    """No model: each job's answer is its first prompt; a job with prompt [0] raises, and the
+    engine (deliberately careless) fails the whole batch for it."""
+
+    name, tokenizer, max_batch, max_seed = "echo", None, 8, 0
+
+    def validate(self, params):
+        pass
+
+    def run(self, jobs):
+        if any(j.prompts == [[0]] for j in jobs):
+            raise RuntimeError("poison")
+        for j in jobs:
+            j.future.set_result(j.prompts[0])
+
+
+def test_the_batcher_isolates_failures_and_skips_cancelled_jobs():
+    from relaypipe.relay.backends import Sampling
+    from relaypipe.serve import CompletionParams, Job, MicroBatcher
+
+    params = CompletionParams(max_tokens=1, sampling=Sampling())
+    batcher = MicroBatcher(EchoEngine(), ServeLimits(batch_wait_s=0.2))
+    jobs = [Job([[i]], params) for i in range(5)]
+    assert jobs[3].future.cancel()  # its client went away before the batch ran
+    batcher.start()
+    try:
+        for job in jobs:
+            batcher.submit(job)
+        assert [jobs[i].future.result(timeout=10) for i in (1, 2, 4)] == [[1], [2], [4]]
+        with pytest.raises(RuntimeError, match="poison"):
+            jobs[0].future.result(timeout=10)
+        assert jobs[3].future.cancelled()
+    finally:
+        batcher.stop()
