@@ -12,6 +12,11 @@ profile), each of them would otherwise start a temporary server of its own, tens
 apiece. These commands start ``prefect server start`` on 127.0.0.1 once, point the stages at
 it, and stop it afterwards; its UI shows the runs while they go. A configured server is used
 as is; a ``repro`` with nothing to do (``dvc status`` clean) starts no server at all.
+
+Bad input (an unknown preset, a missing file) is one line on stderr and exit status 2; a stage
+that fails inside ``dvc repro`` prints its own short message (see :mod:`relaypipe.errors`).
+``repro -v`` (dvc's verbose flag) also sets ``RELAYPIPE_TRACEBACK=1``, so a failing stage shows
+its full traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import sys
 from collections.abc import Sequence
 
 import flows  # noqa: F401  (Prefect setting defaults, before anything imports Prefect)
+from relaypipe import errors
+
+PROG = "python -m flows"
 
 
 def dvc_exe() -> str:
@@ -76,7 +84,7 @@ def with_server(cmd: Sequence[str]) -> int:
 PRESETS_DIR = "presets"
 
 
-class PresetError(ValueError):
+class PresetError(errors.InputError):
     """A preset that cannot be applied; the message says why and what to do."""
 
 
@@ -118,41 +126,62 @@ def apply_preset(name: str, repo: str = ".") -> bool:
     return True
 
 
+def wants_verbose(dvc_args: Sequence[str]) -> bool:
+    """Whether dvc is asked to be verbose (``-v``, ``-vv``, ``--verbose``)."""
+    return any(a == "--verbose" or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in dvc_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    repro = sub.add_parser("repro", help="dvc repro with one Prefect server for all stages")
+    repro = sub.add_parser(
+        "repro",
+        help="dvc repro with one Prefect server for all stages",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     repro.add_argument(
-        "--preset", help="make params.yaml presets/NAME.yaml first (micro: the default)"
+        "--preset",
+        help="make params.yaml presets/NAME.yaml first (micro: the project's default); "
+        "none: params.yaml as it is",
     )
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro")
     run = sub.add_parser("exec", help="any command with one Prefect server (after --)")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
-    pipe = sub.add_parser("pipeline", help="run the pipeline flow here (pull, repro, push)")
-    pipe.add_argument("--repo", default=".", help="repository (default: %(default)s)")
+    pipe = sub.add_parser(
+        "pipeline",
+        help="run the pipeline flow here (pull, repro, push)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pipe.add_argument("--repo", default=".", help="repository")
     pipe.add_argument("--target", action="append", default=[], help="stage (repeatable)")
     pipe.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="dvc exp run -S"
     )
-    pipe.add_argument("--name", help="experiment name")
-    pipe.add_argument("--remote", help="DVC remote (default: the default remote)")
-    pipe.add_argument("--no-pull", action="store_true")
-    pipe.add_argument("--no-push", action="store_true")
-    pipe.add_argument("--force", action="store_true")
+    pipe.add_argument("--name", help="experiment name (none: a plain dvc repro)")
+    pipe.add_argument("--remote", help="DVC remote (none: the default remote)")
+    pipe.add_argument("--no-pull", action="store_true", help="skip dvc pull")
+    pipe.add_argument("--no-push", action="store_true", help="skip dvc push")
+    pipe.add_argument("--force", action="store_true", help="dvc repro --force")
     sub.add_parser("stages", help="list the stage flows")
     # parse_known_args: argparse's REMAINDER does not take options that come first
     # (`repro -f prepare`), so those come back as unknown and go to dvc in their order.
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "repro":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "exec" and not (args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd):
+        parser.error("exec needs a command, e.g. python -m flows exec -- dvc repro")
+    return errors.run_main(lambda: run_command(args, unknown), prog=PROG)
 
+
+def run_command(args: argparse.Namespace, unknown: list[str]) -> int:
+    """The parsed command (:func:`main` reports bad input in it briefly)."""
     if args.command == "repro":
         if args.preset:
-            try:
-                changed = apply_preset(args.preset)
-            except PresetError as err:
-                print(f"python -m flows: {err}", file=sys.stderr)
-                return 2
+            changed = apply_preset(args.preset)  # PresetError: one line, exit 2
             if changed:
                 print(
                     f"params.yaml is now presets/{args.preset}.yaml "
@@ -160,15 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
         dvc_args = [*unknown, *args.dvc_args]
+        if wants_verbose(dvc_args):
+            errors.want_tracebacks()  # the stages' full tracebacks too (the env is inherited)
         if not dvc_args and dvc_up_to_date():
             print("every stage is up to date", file=sys.stderr)
             return 0
         return with_server([dvc_exe(), "repro", *dvc_args])
     if args.command == "exec":
-        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        if not cmd:
-            parser.error("exec needs a command, e.g. python -m flows exec -- dvc repro")
-        return with_server(cmd)
+        return with_server(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
     if args.command == "pipeline":
         from flows.pipeline import pipeline
 

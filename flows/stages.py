@@ -14,6 +14,12 @@ never written anywhere by Prefect.
 A new stage is one line in :data:`STAGES` (its module must have ``run(params: <Params>)``), plus
 its ``cmd: python -m flows.stages <stage>`` in dvc.yaml.
 
+Bad input (a params key, a missing or broken input file; :func:`relaypipe.errors.is_input_error`)
+fails the flow run with the error's message as its state message, no traceback, and the command
+line prints that message and exits 2; other exceptions are bugs, logged by Prefect with their
+traceback, exit 1. ``-v`` (or ``RELAYPIPE_TRACEBACK=1``, e.g. for ``dvc repro``) logs the
+traceback of bad input as well. Called in Python, a flow raises the stage's exception either way.
+
 Where the runs are recorded: with ``PREFECT_API_URL`` set (a server, a worker's flow run, or
 ``python -m flows repro``), on that server; otherwise each process starts a temporary local
 server (see ``flows/__init__.py`` for the settings that keep that quiet).
@@ -29,7 +35,10 @@ import sys
 from typing import Any, get_type_hints
 
 from prefect import Flow, flow, tags
+from prefect.context import FlowRunContext
+from prefect.states import Failed
 
+from relaypipe import errors
 from relaypipe.config import build
 from relaypipe.io import load_yaml_section
 
@@ -69,7 +78,18 @@ def stage_flow(stage: str) -> Flow[..., dict[str, Any]]:
     """The Prefect flow for ``stage``; its one parameter is the params file path."""
 
     def stage_body(params_path: str = "params.yaml") -> dict[str, Any]:
-        summary = run_stage(stage, params_path)
+        try:
+            summary = run_stage(stage, params_path)
+        except Exception as err:
+            if (
+                not errors.is_input_error(err)
+                or errors.traceback_wanted()
+                or FlowRunContext.get() is None  # .fn(): a plain call raises
+            ):
+                raise  # in a flow run, Prefect logs it with its traceback
+            # Bad input: the run fails with the message alone. data=err: state.result() and a
+            # plain call of the flow raise the stage's exception itself, as a raise would.
+            return Failed(message=errors.describe(err), data=err)  # type: ignore[return-value]
         print(f"{stage}: {summary}")  # log_prints: the summary ends up in the run's logs
         return summary
 
@@ -102,19 +122,46 @@ def run_tags() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flows.stages", description="Run one DVC stage as a Prefect flow."
+        prog="python -m flows.stages",
+        description="Run one DVC stage as a Prefect flow.",
+        epilog=f"Bad input (params, input files) is reported in a line or two with exit status "
+        f"{errors.EXIT_INPUT}; -v or {errors.TRACEBACK_ENV}=1 adds the traceback. A bug: its "
+        f"traceback, exit status {errors.EXIT_BUG}.",
     )
     parser.add_argument("stage", choices=list(STAGES), help="stage (= params section)")
     parser.add_argument(
         "--params", default="params.yaml", help="params file (default: %(default)s)"
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"log the traceback of bad input too (as {errors.TRACEBACK_ENV}=1 does) "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.verbose:
+        errors.want_tracebacks()
     logging.getLogger("relaypipe").setLevel(logging.INFO)
     with tags("relaypipe", f"stage:{args.stage}", *run_tags()):
-        # return_state: a failure is logged once by Prefect (with its traceback), then we exit
-        # non-zero for DVC instead of printing the same traceback a second time.
+        # return_state: a failure is logged once by Prefect (a bug with its traceback), then
+        # we exit non-zero for DVC instead of printing the same traceback a second time.
         state = FLOWS[args.stage](params_path=args.params, return_state=True)
-    return 0 if state.is_completed() else 1
+    if state.is_completed():
+        return 0
+    return failure_status(state, prog=f"python -m flows.stages {args.stage}")
+
+
+def failure_status(state: Any, *, prog: str) -> int:
+    """The exit status of a failed stage run: 2 after printing the message of bad input, 1 for
+    anything else (Prefect has logged it, traceback and all)."""
+    try:
+        state.result(raise_on_failure=True)
+    except Exception as err:
+        if errors.is_input_error(err):
+            errors.report(err, prog)
+            return errors.EXIT_INPUT
+    return errors.EXIT_BUG
 
 
 if __name__ == "__main__":

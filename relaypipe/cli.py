@@ -4,6 +4,13 @@
         --prompt "3+4+8+1+9+2"
 
 prints each answer with the teacher's tokens marked ⟦like this⟧ and a one-line summary.
+
+Bad input (a missing model directory, an option value a command refuses, an unreachable
+teacher server) is reported in a line or two on stderr with exit status 2; ``-v`` adds the
+full traceback (as ``RELAYPIPE_TRACEBACK=1`` does). See :mod:`relaypipe.errors`.
+
+``relaypipe --help`` and every subcommand's ``--help`` import neither torch nor transformers:
+each command imports what it needs when it runs (tests/test_cli_fast.py checks this).
 """
 
 from __future__ import annotations
@@ -13,19 +20,98 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from relaypipe import cli_bench, cli_import, cli_serve
-from relaypipe.relay.backends import Sampling, TransformersBackend
-from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
-from relaypipe.tasks.base import format_prompt
+from relaypipe import cli_bench, cli_import, errors
+
+PROG = "relaypipe"
+
+# relaypipe.relay.decoder.MODES, spelled out so that --help need not import the decoder
+# (torch); tests/test_cli_fast.py checks that the two agree.
+DECODE_MODES = ("relay", "student", "teacher", "random_router", "fixed_help")
 
 
-def _decode_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("decode", help="relay-decode prompts between a student and a teacher")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is none to speak of: a
+    required option, or one of a required either/or group (marked by :func:`finish_parser`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.required or getattr(action, "no_default", False) or "(default" in help_text:
+            return help_text  # nothing to add: no default, or the text says it in words
+        return super()._get_help_string(action) or ""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with :class:`HelpFormatter` unless told otherwise, so the
+    subcommands' parsers (``sub.add_parser``, in other modules too) show defaults as well."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """A bad argument: the message and a pointer to ``--help``; the usage only when it is
+        short (decode's and serve's run to 20 lines, which would bury the message)."""
+        usage = self.format_usage()
+        if usage.count("\n") <= 2:
+            self.exit(errors.EXIT_INPUT, f"{usage}{self.prog}: error: {message}\n")
+        hint = f"('{self.prog} --help' lists the options)"
+        self.exit(errors.EXIT_INPUT, f"{self.prog}: error: {message}\n{hint}\n")
+
+
+def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make every option of ``parser`` and its subcommands show its default in ``--help``.
+
+    A parser made with another formatter (serve's keeps its description's line breaks) gets
+    :class:`HelpFormatter` mixed in. An option given no help text at all would show nothing
+    (argparse prints help text only where there is some), so it gets one that is just its
+    default; the options of a required either/or group (``--prompt`` | ``--prompts-file``)
+    show none, having no default. Every subcommand also takes ``-v`` after its name.
+    """
+    if not issubclass(parser.formatter_class, HelpFormatter):  # e.g. a RawDescription one
+        parser.formatter_class = type(
+            f"HelpFormatterWith{parser.formatter_class.__name__}",
+            (HelpFormatter, parser.formatter_class),
+            {},
+        )
+    for group in parser._mutually_exclusive_groups:
+        if group.required:
+            for action in group._group_actions:
+                action.no_default = True  # type: ignore[attr-defined]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                if "-v" not in sub._option_string_actions:  # `relaypipe decode ... -v` too
+                    sub.add_argument(
+                        "-v",
+                        "--verbose",
+                        action="store_true",
+                        default=argparse.SUPPRESS,  # absent: what `relaypipe [-v]` said
+                        help=f"as '{parser.prog} -v' (default: off)",
+                    )
+                finish_parser(sub)
+        elif (
+            action.option_strings
+            and not action.help
+            and action.help is not argparse.SUPPRESS
+            and not (action.required or getattr(action, "no_default", False))
+        ):
+            action.help = "(default: %(default)s)"
+    return parser
+
+
+def _decode_parser(sub: argparse._SubParsersAction, add_teacher_arguments: Callable) -> None:
+    p = sub.add_parser(
+        "decode",
+        help="relay-decode prompts between a student and a teacher",
+        description="Decode prompts with a student that hands tokens to a teacher when it "
+        "writes a call, and print each answer with the teacher's tokens marked.",
+    )
     p.add_argument("--student", required=True, help="student model directory (or hub id)")
-    cli_serve.add_teacher_arguments(p, required=True)
+    add_teacher_arguments(p, required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a question (repeatable)")
     src.add_argument("--prompts-file", type=Path, help="a text file, one question per line")
@@ -46,17 +132,37 @@ def _decode_parser(sub: argparse._SubParsersAction) -> None:
         help="variables for the chat template, e.g. '{\"enable_thinking\": false}' for Qwen3 "
         "(the stages' chat_template_kwargs); needs --chat-template",
     )
-    p.add_argument("--mode", choices=MODES, default="relay")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-turns", type=int, default=32)
-    p.add_argument("--max-call-tokens", type=int, default=64)
-    p.add_argument("--max-teacher-tokens", type=int, default=None, help="per-request budget")
-    p.add_argument("--max-calls", type=int, default=None, help="per-request call budget")
+    p.add_argument(
+        "--mode",
+        choices=DECODE_MODES,
+        default="relay",
+        help="relay: the student calls the teacher; student, teacher: one model alone; "
+        "random_router: each token the teacher's with probability --router-p; fixed_help: "
+        "every call granted --fixed-n tokens",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="generated tokens per prompt, in all"
+    )
+    p.add_argument("--max-turns", type=int, default=32, help="student rounds per prompt")
+    p.add_argument(
+        "--max-call-tokens", type=int, default=64, help="the most tokens one call is granted"
+    )
+    p.add_argument(
+        "--max-teacher-tokens",
+        type=int,
+        default=None,
+        help="teacher-token budget per prompt (None: unbounded)",
+    )
+    p.add_argument(
+        "--max-calls", type=int, default=None, help="call budget per prompt (None: unbounded)"
+    )
     p.add_argument("--router-p", type=float, default=0.1, help="random_router probability")
     p.add_argument("--fixed-n", type=int, default=8, help="fixed_help tokens per call")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="sampling and router seed")
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when there is one)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON trace per line instead")
 
 
@@ -87,6 +193,8 @@ def _read_questions(args: argparse.Namespace) -> list[str]:
 
 def _prompts(args: argparse.Namespace, questions: list[str], tok: Any) -> list[str]:
     """The questions as the stages frame them (``--raw``: as given)."""
+    from relaypipe.tasks.base import format_prompt
+
     if args.raw:
         return questions
     return [
@@ -101,14 +209,18 @@ def _prompts(args: argparse.Namespace, questions: list[str], tok: Any) -> list[s
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from relaypipe.models import load_model
-    from relaypipe.render import render_trace, summary_line
-
     if args.chat_template_kwargs and not args.chat_template:
         raise SystemExit("error: --chat-template-kwargs needs --chat-template")
     if args.raw and args.chat_template:
         raise SystemExit("error: --raw sends prompts as-is; drop --chat-template or --raw")
     questions = _read_questions(args)
+
+    from relaypipe import cli_serve
+    from relaypipe.models import load_model
+    from relaypipe.relay.backends import Sampling, TransformersBackend
+    from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+    from relaypipe.render import render_trace, summary_line
+
     try:
         cfg = RelayConfig(
             mode=args.mode,
@@ -144,29 +256,51 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="relaypipe", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _decode_parser(sub)
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, every subcommand registered (for ``--help`` and parsing)."""
+    # cli_serve holds the teacher options decode shares with serve; it is the one module here
+    # that its own maintainers keep light (no torch at import), see tests/test_cli_fast.py.
+    from relaypipe import cli_serve
+
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Token-level collaborative decoding (RelayLLM) between a small student and a "
+        "large teacher model: decode prompts, serve the relay, benchmark it, import models.",
+        epilog=f"Bad input is reported in a line or two with exit status {errors.EXIT_INPUT}; "
+        f"-v or {errors.TRACEBACK_ENV}=1 adds the traceback. 'relaypipe COMMAND --help' "
+        "lists a command's options.",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log progress (INFO), and show the traceback of bad input too (as "
+        f"{errors.TRACEBACK_ENV}=1 does)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    _decode_parser(sub, cli_serve.add_teacher_arguments)
     cli_serve.add_parser(sub)
     cli_bench.add_parser(sub)
     cli_import.add_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    from relaypipe.relay.http_backend import TeacherUnavailable
+    return finish_parser(parser)
 
-    try:
-        commands = {
-            "decode": cmd_decode,
-            "serve": cli_serve.run,
-            "bench": cli_bench.run,
-            "import": cli_import.run,
-        }
-        return commands[args.command](args)
-    except (TeacherUnavailable, OSError) as err:  # a clear line, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function that runs subcommand ``name``."""
+    if name == "decode":
+        return cmd_decode
+    if name == "serve":
+        from relaypipe import cli_serve
+
+        return cli_serve.run
+    return {"bench": cli_bench.run, "import": cli_import.run}[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    run = command(args.command)
+    return errors.run_main(lambda: run(args), prog=f"{PROG} {args.command}", verbose=args.verbose)
 
 
 if __name__ == "__main__":

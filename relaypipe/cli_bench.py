@@ -1,16 +1,38 @@
 """``relaypipe bench``: relay decoding speed against its floor (see :mod:`relaypipe.bench`).
 
 relaypipe bench --batch-sizes 1,8,32 --router-ps 0,0.05,0.2 --out bench.json
+
+The options are defined here rather than taken from :mod:`relaypipe.bench` (which imports
+torch) so that ``relaypipe --help`` stays fast; tests/test_cli_fast.py checks that both define
+the same options with the same defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+DEFAULT_PROBLEMS = "data/problems/eval.parquet"  # relaypipe.bench.DEFAULT_PROBLEMS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (those of ``relaypipe.bench.add_arguments``, with help)."""
+    p.add_argument("--student", default="data/models/student", help="student model directory")
+    p.add_argument("--teacher", default="data/models/teacher", help="teacher model directory")
+    p.add_argument("--problems", default=DEFAULT_PROBLEMS, help="parquet with a question column")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
+    p.add_argument("--router-ps", default="0,0.05,0.2", help="comma-separated random_router p")
+    p.add_argument("--n-prompts", type=int, default=32, help="prompts decoded per measurement")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--out", type=Path, default=None, help="write the results as JSON here (None: don't)"
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from relaypipe.bench import add_arguments
-
     p = sub.add_parser(
         "bench",
         help="measure relay decoding speed (student, teacher, relay, generate) and its floor",

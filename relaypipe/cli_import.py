@@ -31,21 +31,21 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     what.add_argument("--source", help="a model directory or hub id (the hub needs network)")
     p.add_argument("--out", required=True, help="the model directory to write (replaced whole)")
-    p.add_argument("--dtype", default="float32", help="weights dtype (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help="weights dtype")
     p.add_argument(
-        "--cache-dir", default=None, help="cache for --smollm2 (default: ~/.cache/relaypipe)"
+        "--cache-dir",
+        default=None,
+        help="cache for --smollm2 (None: $RELAYPIPE_CACHE, else ~/.cache/relaypipe)",
     )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """Import, then print what was written as one JSON line."""
-    from relaypipe.importing import SMOLLM2, FetchError, import_model
+    """Import, then print what was written as one JSON line. A failed download (FetchError)
+    or a missing source is reported by :func:`relaypipe.cli.main` in a line, exit status 2."""
+    from relaypipe.importing import SMOLLM2, import_model
 
     source = SMOLLM2 if args.smollm2 else (args.gguf or args.source)
-    try:
-        result = import_model(source, args.out, dtype=args.dtype, cache_dir=args.cache_dir)
-    except FetchError as err:
-        raise SystemExit(f"error: {err}") from err
+    result = import_model(source, args.out, dtype=args.dtype, cache_dir=args.cache_dir)
     print(json.dumps(dataclasses.asdict(result)))
     return 0

@@ -12,11 +12,14 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from relaypipe.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A params section that does not match its dataclass."""
+class ConfigError(InputError):
+    """A params section that does not match its dataclass (an InputError, so a ValueError:
+    command lines report it in a line or two, without a traceback)."""
 
 
 def _check_scalar(value: Any, tp: Any, where: str) -> Any:
