@@ -16,11 +16,12 @@ are fixed; ``python -m flows repro -v`` sets it for the stages as well).
 
 What counts as an input error (:func:`is_input_error`):
 
-* :class:`InputError` and its subclasses (``relaypipe.config.ConfigError``); new code raises
-  these (a ``ValueError`` subclass, so ``except ValueError`` keeps working);
-* the project's older error classes, by name (:data:`KNOWN_INPUT_ERRORS`):
-  ``relaypipe.io.ParamsError`` and ``SchemaViolation``, ``relaypipe.stages.inputs.
-  StageInputError``, ``relaypipe.relay.grammar.MalformedCall``, a teacher server that fails
+* :class:`InputError` and its subclasses (``relaypipe.config.ConfigError``,
+  ``relaypipe.io.ParamsError`` and ``SchemaViolation``, ``relaypipe.relay.grammar.
+  MalformedCall``); new code raises these (a ``ValueError`` subclass, so ``except ValueError``
+  keeps working);
+* the project's other error classes, by name (:data:`KNOWN_INPUT_ERRORS`):
+  ``relaypipe.stages.inputs.StageInputError``, a teacher server that fails
   (``relaypipe.relay.http_backend.TeacherUnavailable``), a download that fails
   (``relaypipe.importing.FetchError``, ``relaypipe.tasks.dataset.DatasetUnavailableError``),
   a refused degenerate run (``relaypipe.checks.DegenerateRunError``);
@@ -78,10 +79,7 @@ class UsageExit(SystemExit):
 # exist, and importing relaypipe.io (pandas) just to compare would slow every command down.
 KNOWN_INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("relaypipe.config", "ConfigError"),
-    ("relaypipe.io", "ParamsError"),
-    ("relaypipe.io", "SchemaViolation"),
     ("relaypipe.stages.inputs", "StageInputError"),  # MissingInputError too
-    ("relaypipe.relay.grammar", "MalformedCall"),
     ("relaypipe.relay.http_backend", "TeacherUnavailable"),
     ("relaypipe.importing", "FetchError"),
     ("relaypipe.tasks.dataset", "DatasetUnavailableError"),

@@ -33,6 +33,8 @@ import pandera.dtypes as pa_dtypes
 import pandera.errors as pa_errors
 import yaml
 
+from relaypipe.errors import InputError
+
 __all__ = [
     "ParamsError",
     "SchemaViolation",
@@ -208,7 +210,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-class SchemaViolation(ValueError):
+class SchemaViolation(InputError):
     """A table does not match its schema; the message says where and how.
 
     Attributes: ``path`` (the file read or about to be written), ``schema_name``, and
@@ -703,7 +705,7 @@ def read_table(path: str | os.PathLike[str], schema: Schema) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """params.yaml (or another YAML config) lacks a section or has the wrong shape."""
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from relaypipe.errors import InputError
+
 CALL_OPEN = "<call>"
 CALL_CLOSE = "</call>"
 # More digits than this is absurd for a per-call token count and is refused outright, which
@@ -46,7 +48,7 @@ TAG_PREFIXES = tuple(
 )
 
 
-class MalformedCall(ValueError):
+class MalformedCall(InputError):
     """A call command whose body is not a non-negative integer token count."""
 
 
