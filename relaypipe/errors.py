@@ -18,11 +18,10 @@ What counts as an input error (:func:`is_input_error`):
 
 * :class:`InputError` and its subclasses (``relaypipe.config.ConfigError``,
   ``relaypipe.io.ParamsError`` and ``SchemaViolation``, ``relaypipe.relay.grammar.
-  MalformedCall``); new code raises these (a ``ValueError`` subclass, so ``except ValueError``
-  keeps working);
-* the project's other error classes, by name (:data:`KNOWN_INPUT_ERRORS`):
-  ``relaypipe.stages.inputs.StageInputError``, a teacher server that fails
-  (``relaypipe.relay.http_backend.TeacherUnavailable``), a download that fails
+  MalformedCall``, ``relaypipe.stages.inputs.StageInputError``); new code raises these (a
+  ``ValueError`` subclass, so ``except ValueError`` keeps working);
+* the project's other error classes, by name (:data:`KNOWN_INPUT_ERRORS`): a teacher server
+  that fails (``relaypipe.relay.http_backend.TeacherUnavailable``), a download that fails
   (``relaypipe.importing.FetchError``, ``relaypipe.tasks.dataset.DatasetUnavailableError``),
   a refused degenerate run (``relaypipe.checks.DegenerateRunError``);
 * a YAML file that does not parse (``yaml.YAMLError``);
@@ -79,7 +78,6 @@ class UsageExit(SystemExit):
 # exist, and importing relaypipe.io (pandas) just to compare would slow every command down.
 KNOWN_INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("relaypipe.config", "ConfigError"),
-    ("relaypipe.stages.inputs", "StageInputError"),  # MissingInputError too
     ("relaypipe.relay.http_backend", "TeacherUnavailable"),
     ("relaypipe.importing", "FetchError"),
     ("relaypipe.tasks.dataset", "DatasetUnavailableError"),

@@ -27,6 +27,9 @@ graded (a model never writes a gradable final answer: ``<role>_answered`` = 0), 
 on nothing, or a teacher no better than the student leaves nothing to relay: the stage then
 fails, naming the param to change, and writes nothing (relaypipe/checks.py);
 ``allow_degenerate: true`` keeps the pair and records the findings under ``warnings``.
+
+The problem tables (and, for kind pretrained, local model sources) are checked before any
+work (relaypipe/stages/inputs.py); the pair and bootstrap.json are published together.
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ import torch
 
 from relaypipe.checks import bootstrap_findings, enforce
 from relaypipe.evaluate.run import solo_accuracies
-from relaypipe.io import atomic_path, read_table, write_json
 from relaypipe.micro.bootstrap import BootstrapSpec, bootstrap_pair
 from relaypipe.micro.models import ModelSize
 from relaypipe.micro.train_lm import TrainSpec, train_causal_lm
+from relaypipe.publish import together
 from relaypipe.schemas import ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.stages.inputs import check_model_dir, check_table
 from relaypipe.tasks.base import Problem, check_prompt_options
 from relaypipe.teacher import HTTPOptions, Teacher, validate_teacher_options
 
@@ -246,29 +250,58 @@ def run_pretrained(
     return metrics
 
 
+def read_inputs(params: BootstrapParams) -> tuple[list[Problem], list[Problem]]:
+    """The train and eval problems (each checked: present, valid, not empty) and, for kind
+    pretrained, the local model sources: all before anything is trained or written."""
+    problems = Path(params.problems_dir)
+    tables = []
+    for split, n in (("train", "n_train"), ("eval", "n_eval")):
+        frame = check_table(
+            problems / f"{split}.parquet",
+            ProblemSchema,
+            param="bootstrap.problems_dir",
+            made_by="the prepare stage",
+            empty=f"the prepare stage wrote no {split} problem (prepare.{n}); re-run prepare",
+        )
+        tables.append(frame_to_problems(frame))
+    train, evaluation = tables
+    if params.kind == "pretrained":
+        for name in ("student_source", "teacher_source"):
+            source = getattr(params, name)
+            if source:
+                check_model_dir(
+                    source,
+                    param=f"bootstrap.{name}",
+                    made_by="relaypipe import",
+                    fix=(
+                        f"bootstrap.{name} names a model folder, a hub id, a .gguf file or "
+                        "smollm2; `relaypipe import` makes a complete folder"
+                    ),
+                )
+    return train, evaluation
+
+
 def run(params: BootstrapParams) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
-    problems = Path(params.problems_dir)
-    train = frame_to_problems(read_table(problems / "train.parquet", ProblemSchema))
-    evaluation = frame_to_problems(read_table(problems / "eval.parquet", ProblemSchema))
+    train, evaluation = read_inputs(params)
     if params.eval_limit:
         evaluation = evaluation[: params.eval_limit]
     t = time.perf_counter()
     out = Path(params.out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # The pair is made in a hidden staging folder beside out_dir and moved into place only once
-    # the checks pass: a refused pair (relaypipe/checks.py) leaves the previous one untouched.
+    # The pair is made in a hidden staging folder beside out_dir; it is published with
+    # bootstrap.json (all three together) only once the checks pass: a refused pair
+    # (relaypipe/checks.py) or a failure anywhere leaves the previous outputs untouched.
     staging = tempfile.TemporaryDirectory(prefix=f".{out.name}.bootstrap-", dir=out.parent)
-    with staging:
+    with staging, together() as pub:
         metrics = _make_pair(replace(params, out_dir=staging.name), train, evaluation)
         metrics["total_seconds"] = round(time.perf_counter() - t, 1)
         findings = bootstrap_findings(metrics, kind=params.kind, where=str(out))
         metrics["warnings"] = enforce(findings, stage="bootstrap", allow=params.allow_degenerate)
         for role in ("student", "teacher"):
-            with atomic_path(out / role, directory=True) as tmp:
-                os.replace(Path(staging.name) / role, tmp)
-    write_json(out / "bootstrap.json", metrics)
+            os.replace(Path(staging.name) / role, pub.directory(out / role))
+        pub.json(out / "bootstrap.json", metrics)
     return metrics
 
 

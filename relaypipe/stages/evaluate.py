@@ -22,6 +22,9 @@ random-router modes then send every teacher turn to that server. A served teache
 count cannot be read from its weights, so ``teacher_params`` must give it (the report's FLOPs
 and cost need it). ``chat_template`` frames prompts with the students' chat template, exactly as
 the training stages did.
+
+Every input is checked before any model is loaded (relaypipe/stages/inputs.py): an empty
+benchmark table is refused. requests.parquet and models.json are published together.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ from typing import Any
 import torch
 
 from relaypipe.evaluate.suite import evaluate_benchmarks, plan_runs
-from relaypipe.io import read_table, write_json, write_table
 from relaypipe.micro.models import count_parameters
 from relaypipe.models import check_dtype, load_model
+from relaypipe.publish import together
 from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import EVAL_MODES, EvalRequestSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.stages.inputs import MissingInputError, check_model_dir, check_table
 from relaypipe.tasks.base import Problem, check_prompt_options
 from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
 
@@ -110,27 +114,60 @@ class EvaluateParams:
 
 
 def load_benchmarks(params: EvaluateParams) -> dict[str, list[Problem]]:
-    """Every benchmark table, validated (a broken one fails before any model is loaded)."""
+    """Every benchmark table, validated and not empty (a broken one fails before any model is
+    loaded)."""
     folder = Path(params.benchmarks_dir)
     if params.benchmarks is None:
         paths = sorted(folder.glob("*.parquet"))
         if not paths:
-            raise FileNotFoundError(
-                f"{folder}: no benchmark tables; add prepare.benchmarks and run `dvc repro prepare`"
+            raise MissingInputError(
+                f"{folder} (evaluate.benchmarks_dir): no benchmark tables; they are written by "
+                "the prepare stage: add prepare.benchmarks and run `dvc repro prepare`"
             )
     else:
         paths = [folder / f"{name}.parquet" for name in params.benchmarks]
     out = {}
     for path in paths:
-        problems = frame_to_problems(read_table(path, ProblemSchema))
+        frame = check_table(
+            path,
+            ProblemSchema,
+            param="evaluate.benchmarks_dir" if params.benchmarks is None else "evaluate.benchmarks",
+            made_by=f"the prepare stage (its prepare.benchmarks entry {path.stem!r})",
+            empty=(
+                f"the prepare stage wrote an empty benchmark {path.stem!r} (prepare.benchmarks: "
+                "its n, or its source's rows left after dropping repeated and train/eval "
+                "questions); re-run prepare"
+            ),
+        )
+        problems = frame_to_problems(frame)
         out[path.stem] = problems[: params.limit] if params.limit else problems
     return out
+
+
+STUDENT_MAKERS = {
+    "student": ("evaluate.student", "the bootstrap stage"),
+    "warmup": ("evaluate.warmup", "the sft stage"),
+    "relay": ("evaluate.relay_model", "the grpo stage"),
+}
+
+
+def read_inputs(params: EvaluateParams) -> dict[str, list[Problem]]:
+    """Every input, checked before any model is loaded: the benchmark tables (returned), the
+    students the modes use and, in-process, the teacher."""
+    benchmarks = load_benchmarks(params)
+    paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
+    for role in sorted({r.student_role for r in plan_runs(params.modes, params.router_p)}):
+        param, made_by = STUDENT_MAKERS[role]
+        check_model_dir(paths[role], param=param, made_by=made_by)
+    if not params.teacher_url:
+        check_model_dir(params.teacher, param="evaluate.teacher", made_by="the bootstrap stage")
+    return benchmarks
 
 
 def run(params: EvaluateParams) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
-    benchmarks = load_benchmarks(params)
+    benchmarks = read_inputs(params)
     runs = plan_runs(params.modes, params.router_p)
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     roles = sorted({r.student_role for r in runs})
@@ -181,8 +218,6 @@ def run(params: EvaluateParams) -> dict:
         )
 
     out = Path(params.out_dir)
-    # The table first: if it breaks its contract, nothing (not even models.json) is written.
-    write_table(table, out / "requests.parquet", EvalRequestSchema)
     models = {
         "teacher": {
             "path": teacher.where,
@@ -191,7 +226,11 @@ def run(params: EvaluateParams) -> dict:
         "students": students,
         "modes": {r.mode: r.student_role for r in runs},
     }
-    write_json(out / "models.json", models)
+    # Both land together; the table is validated first: if it breaks its contract, nothing
+    # (not even models.json) is written.
+    with together() as pub:
+        pub.table(table, out / "requests.parquet", EvalRequestSchema)
+        pub.json(out / "models.json", models)
     summary = {
         "requests": len(table),
         "benchmarks": {name: len(problems) for name, problems in benchmarks.items()},

@@ -6,6 +6,10 @@ problems it solves at least once: asking for help only pays where the teacher ca
 Writes ``data/filter/kept.parquet`` (FilteredProblemSchema) and ``data/filter/metrics.json``.
 The teacher is a model directory or, with ``teacher_url``/``teacher_model``, a served model
 (relaypipe/teacher.py); ``chat_template`` frames prompts as every other stage does.
+
+Its inputs are checked before any decoding (relaypipe/stages/inputs.py); kept.parquet and
+metrics.json are published together (relaypipe/publish.py). A teacher that solves nothing
+leaves an empty kept.parquet, which grpo refuses, naming this stage's params.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
-from relaypipe.io import read_table, write_json, write_table
 from relaypipe.models import check_dtype
+from relaypipe.publish import together
 from relaypipe.relay.decoder import RelayDecoder
 from relaypipe.schemas import FilteredProblemSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.stages.inputs import StageInputError, check_model_dir, check_table
 from relaypipe.tasks.base import check_prompt_options
 from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
 from relaypipe.train.sampling import sample_k
@@ -56,10 +62,34 @@ class FilterParams:
         check_dtype(self.dtype)
 
 
+def read_inputs(params: FilterParams) -> pd.DataFrame:
+    """The problems to filter (the first ``n_problems``), and a check of the teacher folder
+    (its weights, or with ``teacher_url`` the tokenizer it holds): before any decoding."""
+    frame = check_table(
+        params.problems,
+        ProblemSchema,
+        param="filter.problems",
+        made_by="the prepare stage",
+        empty="the prepare stage wrote no training problem (prepare.n_train); re-run prepare",
+    ).iloc[: params.n_problems]
+    if frame.empty:
+        raise StageInputError(
+            f"filter.n_problems = {params.n_problems} leaves no problem of {params.problems} "
+            "to filter: set it to at least 1"
+        )
+    check_model_dir(
+        params.teacher,
+        param="filter.teacher",
+        made_by="the bootstrap stage",
+        weights=not params.teacher_url,
+    )
+    return frame
+
+
 def run(params: FilterParams) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
-    frame = read_table(params.problems, ProblemSchema).iloc[: params.n_problems]
+    frame = read_inputs(params)
     problems = frame_to_problems(frame)
     with build_teacher(
         params.teacher,
@@ -85,14 +115,23 @@ def run(params: FilterParams) -> dict:
         )
     frame = frame.assign(teacher_pass_rate=[sum(g.correct for g in s) / params.k for s in samples])
     kept = frame[frame.teacher_pass_rate > 0].reset_index(drop=True)
-    write_table(kept, Path(params.out_dir) / "kept.parquet", FilteredProblemSchema)
+    if kept.empty:
+        log.warning(
+            "filter: the teacher solved none of the %d problems in %d samples each: "
+            "kept.parquet is empty and the grpo stage will refuse it",
+            len(frame),
+            params.k,
+        )
     metrics = {
         "n_considered": len(frame),
         "n_kept": len(kept),
         "kept_share": round(len(kept) / max(1, len(frame)), 4),
         "teacher_mean_pass_rate": round(float(frame.teacher_pass_rate.mean()), 4),
     }
-    write_json(Path(params.out_dir) / "metrics.json", metrics)
+    out = Path(params.out_dir)
+    with together() as pub:  # the table and its metrics land together
+        pub.table(kept, out / "kept.parquet", FilteredProblemSchema)
+        pub.json(out / "metrics.json", metrics)
     return metrics
 
 

@@ -21,6 +21,10 @@ logged step: zero advantages) or that left every weight as it was fails before t
 saved (relaypipe/checks.py; ``allow_degenerate: true`` keeps it, with ``warnings`` in
 metrics.json). ``gap_recovered`` is null, with ``gap_recovered_note``, when the bootstrap
 teacher is no better than the student.
+
+Every input (bootstrap.json included) is checked before training (relaypipe/stages/inputs.py):
+an empty kept table is refused, naming the filter's params. The model is saved to a staged
+folder, checked from there, and published with metrics.json only once both exist.
 """
 
 from __future__ import annotations
@@ -38,13 +42,21 @@ from datasets import Dataset
 from relaypipe.checks import enforce, reward_findings, unchanged_findings, weights_digest
 from relaypipe.config import ConfigError
 from relaypipe.evaluate.run import decode_problems, summarize
-from relaypipe.io import atomic_path, read_json, read_table, write_json
+from relaypipe.io import atomic_path, read_json, read_table
 from relaypipe.models import check_dtype, load_model, pick_device, trainer_precision
+from relaypipe.publish import staged_by_launcher, staged_for_launch, together
 from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import FilteredProblemSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
-from relaypipe.tasks.base import check_prompt_options, format_prompt
+from relaypipe.stages.inputs import (
+    MissingInputError,
+    StageInputError,
+    check_json,
+    check_model_dir,
+    check_table,
+)
+from relaypipe.tasks.base import Problem, check_prompt_options, format_prompt
 from relaypipe.teacher import HTTPOptions, Teacher, build_teacher, validate_teacher_options
 from relaypipe.train.checkpoints import LiveCallback, file_digest, training_live
 from relaypipe.train.launch import (
@@ -197,9 +209,12 @@ def relay_config(params: GRPOParams, mode: str = "relay") -> RelayConfig:
     )
 
 
-def train_grpo(params: GRPOParams) -> list[str]:
+def train_grpo(params: GRPOParams, save_to: Path | None = None) -> list[str]:
     """Train, check that the rewards varied and the model changed, save it; the warnings.
 
+    ``save_to``: an empty staged folder (relaypipe/publish.py) that :func:`run` publishes as
+    ``out_model`` together with the metrics; without it (and outside a launch that passes
+    one), the model is written straight to ``out_model`` and the checkpoints removed.
     In several processes (launched by :func:`run`), each decodes and scores its own prompt
     groups; only the main one writes the checkpoint fingerprint, the curves and the model."""
     from trl import GRPOTrainer  # heavy import, only for this stage
@@ -275,17 +290,80 @@ def train_grpo(params: GRPOParams) -> list[str]:
     kept = f" (the curves of this run are in {curves})"
     warnings = enforce(findings, stage="grpo", allow=params.allow_degenerate, kept=kept)
     if main:
-        with atomic_path(params.out_model, directory=True) as tmp:
-            trainer.model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
+        save_to = save_to or (staged_by_launcher() if launched() else None)
+        if save_to is not None:  # published by run(), which then removes the checkpoints
+            trainer.model.save_pretrained(save_to)
+            tok.save_pretrained(save_to)
+        else:
+            with atomic_path(params.out_model, directory=True) as tmp:
+                trainer.model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
     return warnings
 
 
-def check_relay(params: GRPOParams) -> dict:
-    """Relay and teacher-free accuracy of the trained student on held-out problems."""
-    problems = frame_to_problems(read_table(params.eval_problems, ProblemSchema))[: params.eval_n]
-    student, tok = load_model(params.out_model, device=params.device, dtype=params.dtype)
+def read_inputs(params: GRPOParams) -> tuple[list[Problem], dict[str, Any]]:
+    """Check every input before training: the kept problems, the warmed-up student, the
+    teacher, the eval problems and the bootstrap metrics. Returns the eval problems (the first
+    ``eval_n``) and the bootstrap metrics, which the check after training uses."""
+    check_table(
+        params.problems,
+        FilteredProblemSchema,
+        param="grpo.problems",
+        made_by="the filter stage",
+        empty=(
+            "the filter stage kept no problem: the teacher solved none of the problems it was "
+            f"given in filter.k samples (see {Path(params.problems).parent / 'metrics.json'}; "
+            "raise filter.k, filter.n_problems or filter.max_new_tokens, or train a stronger "
+            "teacher, bootstrap.teacher_train); training on it would take 0 steps"
+        ),
+    )
+    check_model_dir(params.student, param="grpo.student", made_by="the sft stage")
+    if params.teacher_url:
+        # only read for the checkpoint fingerprint (the server holds the weights)
+        if not Path(params.teacher).exists():
+            raise MissingInputError(
+                f"{params.teacher} (grpo.teacher): not found; it is written by the bootstrap "
+                "stage (with teacher_url: the served teacher's tokenizer folder)"
+            )
+    else:
+        check_model_dir(params.teacher, param="grpo.teacher", made_by="the bootstrap stage")
+    frame = check_table(
+        params.eval_problems,
+        ProblemSchema,
+        param="grpo.eval_problems",
+        made_by="the prepare stage",
+        empty="the prepare stage wrote no eval problem (prepare.n_eval); re-run prepare",
+    )
+    if params.eval_n < 1:
+        raise StageInputError(f"grpo.eval_n = {params.eval_n}: the check needs at least 1 problem")
+    boot = check_json(
+        params.bootstrap_metrics,
+        param="grpo.bootstrap_metrics",
+        made_by="the bootstrap stage",
+        numbers=("student_accuracy", "teacher_accuracy"),
+    )
+    return frame_to_problems(frame)[: params.eval_n], boot
+
+
+def check_relay(
+    params: GRPOParams,
+    model: str | Path | None = None,
+    problems: list[Problem] | None = None,
+    boot: dict[str, Any] | None = None,
+) -> dict:
+    """Relay and teacher-free accuracy of the trained student on held-out problems.
+
+    ``model``: the trained model's folder (default ``out_model``); ``problems`` and ``boot``:
+    the eval problems and bootstrap metrics already read (default: read them here)."""
+    if problems is None:
+        frame = read_table(params.eval_problems, ProblemSchema)
+        problems = frame_to_problems(frame)[: params.eval_n]
+    if boot is None:
+        boot = read_json(params.bootstrap_metrics)
+    student, tok = load_model(
+        str(model or params.out_model), device=params.device, dtype=params.dtype
+    )
     metrics: dict[str, Any] = {}
     with load_teacher(params, tok) as teacher:
         dec = RelayDecoder(TransformersBackend(student), teacher.backend, tok)
@@ -299,7 +377,6 @@ def check_relay(params: GRPOParams) -> dict:
                 chat_template_kwargs=params.chat_template_kwargs,
             )
             metrics["teacher_free" if mode == "student" else mode] = summarize(graded)
-    boot = read_json(params.bootstrap_metrics)
     gap = boot["teacher_accuracy"] - boot["student_accuracy"]
     metrics["gap_recovered"] = None  # a teacher no better than the student leaves no gap
     if gap > 0:
@@ -320,14 +397,25 @@ def run(params: GRPOParams) -> dict:
     if launched():  # one of the processes started below: train, hand back the warnings
         hand_back(train_grpo(params))
         return {}
-    if params.num_processes > 1:
-        build_grpo_config(params, pick_device(params.device).type)  # fail before launching
-        warnings = train_in_processes("relaypipe.stages.grpo", "grpo", params, params.num_processes)
-    else:
-        warnings = train_grpo(params)
-    metrics = check_relay(params)
-    metrics["warnings"] = warnings
-    write_json(Path(params.out_dir) / "metrics.json", metrics)
+    # Everything that can be checked before training: the trainer config, then every input.
+    build_grpo_config(params, pick_device(params.device).type)
+    problems, boot = read_inputs(params)
+    # The model is saved into a staged folder, checked from there, and published with
+    # metrics.json only once both exist: a failure anywhere leaves the previous model and
+    # metrics as they were (the curves in out_dir/live record every run, failed ones too).
+    with together() as pub:
+        staged = pub.directory(params.out_model)
+        if params.num_processes > 1:
+            with staged_for_launch(staged):
+                warnings = train_in_processes(
+                    "relaypipe.stages.grpo", "grpo", params, params.num_processes
+                )
+        else:
+            warnings = train_grpo(params, save_to=staged)
+        metrics = check_relay(params, staged, problems, boot)
+        metrics["warnings"] = warnings
+        pub.json(Path(params.out_dir) / "metrics.json", metrics)
+    shutil.rmtree(params.checkpoint_dir, ignore_errors=True)  # published: nothing to resume
     return metrics
 
 

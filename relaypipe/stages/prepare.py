@@ -30,6 +30,9 @@ answer_column: solution}``). Its rows are shuffled with ``seed``; repeated quest
 question of a dataset benchmark are dropped (so the benchmarks stay whole); the first ``n_eval``
 become eval and the next ``n_train`` train. Fewer usable rows than ``n_eval + n_train`` fail,
 saying how many there are. A local file must be listed under this stage's ``deps`` too.
+
+Its inputs (dataset files) are all read before anything is written, and train, eval and
+the benchmarks folder are published together (relaypipe/publish.py).
 """
 
 from __future__ import annotations
@@ -37,15 +40,18 @@ from __future__ import annotations
 import logging
 import random
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relaypipe.io import write_table
+from relaypipe.publish import together
 from relaypipe.schemas import ProblemSchema, problems_to_frame
 from relaypipe.stages.common import stage_params
+from relaypipe.stages.inputs import MissingInputError, StageInputError
 from relaypipe.tasks.arith import ArithSpec, make_problem
 from relaypipe.tasks.base import Problem
-from relaypipe.tasks.dataset import DatasetSpec, load_problems
+from relaypipe.tasks.dataset import DatasetSpec, DatasetUnavailableError, load_problems
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +212,7 @@ def source_splits(params: PrepareParams, avoid: set[str]) -> tuple[list[Problem]
     or any in ``avoid`` (the benchmarks'); eval first, then train, disjoint by construction."""
     spec = params.train_source
     assert spec is not None
-    rows = load_problems(spec)
+    rows = load_source(spec, "prepare.train_source")
     usable, taken = [], set(avoid)
     for p in rows:
         if p.question not in taken:
@@ -229,39 +235,82 @@ def source_splits(params: PrepareParams, avoid: set[str]) -> tuple[list[Problem]
     return usable[params.n_eval : need], usable[: params.n_eval]
 
 
+def load_source(spec: DatasetSpec, param: str) -> list[Problem]:
+    """The rows of a dataset source; a missing, unreadable or empty one fails naming ``param``
+    (this stage's inputs are its params' files: nothing upstream makes them)."""
+    local = Path(spec.source)
+    if local.is_file() and local.stat().st_size < 4096 and not local.read_bytes().strip():
+        raise StageInputError(f"{param}: {spec.source} is empty (0 rows)")
+    try:
+        rows = load_problems(spec)
+    except FileNotFoundError as exc:
+        raise MissingInputError(f"{param}: {exc}") from exc
+    except DatasetUnavailableError:
+        raise
+    except Exception as exc:  # datasets/pyarrow parse errors, a missing column, a blank cell
+        causes, cause = [], exc
+        while cause is not None and len(causes) < 4:  # datasets wraps the parser's error
+            causes.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__ or cause.__context__
+        raise StageInputError(
+            f"{param}: {spec.source} cannot be read as a question/answer table "
+            f"({'; caused by '.join(causes)})"
+        ) from exc
+    if not rows:
+        raise StageInputError(f"{param}: {spec.source} has 0 rows")
+    return rows
+
+
 def run(params: PrepareParams) -> dict[str, int]:
-    # Dataset benchmarks first: a bad one fails before anything is written, and a train_source
-    # leaves their questions out of train/eval so every benchmark keeps all its rows.
-    loaded = {b.name: load_problems(b.dataset_spec()) for b in params.benchmarks if b.source}
+    # Every input first (dataset benchmarks, then a train_source inside source_splits): a bad
+    # one fails before anything is written, and a train_source leaves their questions out of
+    # train/eval so every benchmark keeps all its rows.
+    loaded = {
+        b.name: load_source(b.dataset_spec(), f"prepare.benchmarks[{b.name}]")
+        for b in params.benchmarks
+        if b.source
+    }
     if params.train_source is None:
         train, evaluation = arith_splits(params)
     else:
         avoid = {p.question for rows in loaded.values() for p in rows}
         train, evaluation = source_splits(params, avoid)
     held_out = {p.question for p in evaluation}
-    out = Path(params.out_dir)
-    write_table(problems_to_frame(train, "train"), out / "train.parquet", ProblemSchema)
-    write_table(problems_to_frame(evaluation, "eval"), out / "eval.parquet", ProblemSchema)
     counts = {"n_train": len(train), "n_eval": len(evaluation)}
 
     seen = held_out | {p.question for p in train}
-    bench_dir = out / "benchmarks"
-    wanted = {f"{b.name}.parquet" for b in params.benchmarks}
-    if bench_dir.is_dir():
-        # This stage owns the folder: a benchmark dropped from params must not linger there and
-        # be evaluated by a run outside DVC (DVC itself clears declared outputs first).
-        for stale in bench_dir.glob("*.parquet"):
-            if stale.name not in wanted:
-                log.info("removing %s: no longer in prepare.benchmarks", stale)
-                stale.unlink()
+    benchmarks = {}
     for bench in params.benchmarks:
         if bench.source is None:
             problems = arith_benchmark(bench, params.seed, seen)
         else:
             problems = dataset_benchmark(bench, seen, loaded[bench.name])
-        path = bench_dir / f"{bench.name}.parquet"
-        write_table(problems_to_frame(problems, "benchmark"), path, ProblemSchema)
+        benchmarks[bench.name] = problems
         counts[f"benchmark/{bench.name}"] = len(problems)
+
+    # All computed: the tables land together (train, eval and the benchmarks folder).
+    out = Path(params.out_dir)
+    bench_dir = out / "benchmarks"
+    with together() as pub:
+        pub.table(problems_to_frame(train, "train"), out / "train.parquet", ProblemSchema)
+        pub.table(problems_to_frame(evaluation, "eval"), out / "eval.parquet", ProblemSchema)
+        if benchmarks or bench_dir.is_dir():
+            # This stage owns the folder: it is replaced whole, so a benchmark dropped from
+            # params does not linger there and get evaluated by a run outside DVC (DVC itself
+            # clears declared outputs first). Anything but tables in it is kept.
+            staged = pub.directory(bench_dir)
+            if bench_dir.is_dir():
+                for other in sorted(bench_dir.iterdir()):
+                    if other.suffix == ".parquet" and other.is_file():
+                        if other.stem not in benchmarks:
+                            log.info("removing %s: no longer in prepare.benchmarks", other)
+                    elif other.is_dir():
+                        shutil.copytree(other, staged / other.name, symlinks=True)
+                    else:
+                        shutil.copy2(other, staged / other.name, follow_symlinks=False)
+            for name, problems in benchmarks.items():
+                frame = problems_to_frame(problems, "benchmark")
+                write_table(frame, staged / f"{name}.parquet", ProblemSchema)
     return counts
 
 

@@ -20,6 +20,9 @@ Reads ``data/eval/requests.parquet`` (EvalRequestSchema) and ``data/eval/models.
 Departures from the paper: cost counts teacher prefill (with and without prefix caching),
 FLOPs, money and latency besides the generated-token share; the matched router is interpolated
 without extrapolation (null + reason outside the sweep), see relaypipe/evaluate/cost.py.
+
+Its inputs are checked first (relaypipe/stages/inputs.py) and its four outputs are
+published together (relaypipe/publish.py).
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from relaypipe.evaluate.cost import CostModel, ModelCost, Price
 from relaypipe.evaluate.report import build_metrics, plot_points, render_markdown, render_png
-from relaypipe.io import atomic_path, read_json, read_table, write_json
+from relaypipe.publish import together
 from relaypipe.schemas import EvalRequestSchema
 from relaypipe.stages.common import stage_params
+from relaypipe.stages.inputs import StageInputError, check_json, check_table
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +89,82 @@ def cost_models(models: dict, prices: Prices) -> dict[str, CostModel]:
         raise ValueError(f"models.json lacks {err}: re-run the evaluate stage") from err
 
 
+def _stage_of(path: str) -> str:
+    """Which stage writes a stage-metrics file (by its name, as in STAGE_METRICS)."""
+    p = Path(path)
+    if p.name == "bootstrap.json":
+        return "the bootstrap stage"
+    stage = {"warmup": "warmup_data", "sft": "sft", "grpo": "grpo"}.get(p.parent.name)
+    return f"the {stage} stage" if stage else "the stage that writes it"
+
+
 def stage_warnings(paths: list[str]) -> list[str]:
-    """The ``warnings`` that earlier stages recorded: runs kept with ``allow_degenerate``."""
+    """The ``warnings`` that earlier stages recorded: runs kept with ``allow_degenerate``.
+    A missing file is skipped (that stage has not run); a broken one fails, naming it."""
     out: list[str] = []
     for path in paths:
         if not Path(path).is_file():
             log.info("%s not found: no warnings from it", path)
             continue
-        warnings = read_json(path).get("warnings", [])
+        made_by = _stage_of(path)
+        data = check_json(path, param="report.stage_metrics", made_by=made_by)
+        warnings = data.get("warnings", [])
         if not isinstance(warnings, list):
-            raise ValueError(f"{path}: 'warnings' must be a list of strings, got {warnings!r}")
+            raise StageInputError(
+                f"{path} (report.stage_metrics): 'warnings' must be a list of strings, got "
+                f"{warnings!r}; it is written by {made_by}: re-run it"
+            )
         out += [str(w) for w in warnings]
     return out
 
 
+def read_inputs(params: ReportParams) -> tuple[pd.DataFrame, dict, list[str]]:
+    """Every input, checked: the eval table (not empty), models.json and the earlier stages'
+    metrics (their warnings)."""
+    requests = check_table(
+        params.requests,
+        EvalRequestSchema,
+        param="report.requests",
+        made_by="the evaluate stage",
+        empty=(
+            "the evaluate stage decoded no request (its evaluate.benchmarks, evaluate.modes "
+            "and evaluate.limit select nothing); re-run evaluate"
+        ),
+    )
+    raw = check_json(
+        params.models,
+        param="report.models",
+        made_by="the evaluate stage",
+        keys=("teacher", "students", "modes"),
+    )
+    try:
+        models = cost_models(raw, params.prices)
+    except (ValueError, TypeError) as err:
+        raise StageInputError(
+            f"{params.models} (report.models): {err}; it is written by the evaluate stage"
+        ) from err
+    unknown = sorted(set(requests["mode"]) - set(models))
+    if unknown:
+        raise StageInputError(
+            f"{params.models} (report.models) has no model for mode(s) {', '.join(unknown)} of "
+            f"{params.requests}: the two come from different evaluate runs; re-run evaluate"
+        )
+    return requests, models, stage_warnings(params.stage_metrics)
+
+
 def run(params: ReportParams) -> dict:
-    # Everything is computed before anything is written: a bad input leaves no partial report.
-    requests = read_table(params.requests, EvalRequestSchema)
-    models = cost_models(read_json(params.models), params.prices)
-    upstream = stage_warnings(params.stage_metrics)
+    # Everything is read and computed before anything is written, and the four outputs land
+    # together: a bad input or a failure anywhere leaves the previous report as it was.
+    requests, models, upstream = read_inputs(params)
     metrics = build_metrics(requests, models, params.confidence, upstream)
     markdown = render_markdown(metrics, "python -m relaypipe.stages.report")
     png = render_png(metrics)
     out = Path(params.out_dir)
-    write_json(out / "plots" / "tradeoff.json", plot_points(metrics))
-    with atomic_path(out / "tradeoff.png") as tmp:
-        tmp.write_bytes(png)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(markdown, encoding="utf-8")
-    write_json(out / "metrics.json", metrics)  # last: DVC's metric marks a finished report
+    with together() as pub:
+        pub.json(out / "plots" / "tradeoff.json", plot_points(metrics))
+        pub.bytes(out / "tradeoff.png", png)
+        pub.text(out / "report.md", markdown)
+        pub.json(out / "metrics.json", metrics)  # DVC's metric marks a finished report
     headline = {
         k: metrics[k]
         for k in (

@@ -17,6 +17,10 @@ come from its table, the check's prompts from :func:`relaypipe.tasks.base.format
 (with ``chat_template_kwargs``, equal to warmup_data's too).
 A training run that leaves every weight as it was fails before the model is saved
 (relaypipe/checks.py; ``allow_degenerate: true`` keeps it, with ``warnings`` in metrics.json).
+
+Every input is checked before training (relaypipe/stages/inputs.py); the model is saved to a
+staged folder, checked from there, and published with metrics.json only once both exist
+(relaypipe/publish.py).
 """
 
 from __future__ import annotations
@@ -34,14 +38,16 @@ from trl import SFTConfig, SFTTrainer
 
 from relaypipe.checks import enforce, unchanged_findings, weights_digest
 from relaypipe.evaluate.run import decode_problems, summarize
-from relaypipe.io import atomic_path, read_table, write_json
+from relaypipe.io import atomic_path, read_table
 from relaypipe.models import check_dtype, load_model, load_tokenizer, pick_device, trainer_precision
+from relaypipe.publish import staged_by_launcher, staged_for_launch, together
 from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
-from relaypipe.tasks.base import check_prompt_options
+from relaypipe.stages.inputs import StageInputError, check_model_dir, check_table
+from relaypipe.tasks.base import Problem, check_prompt_options
 from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
 from relaypipe.train.checkpoints import LiveCallback, file_digest, training_live
 from relaypipe.train.launch import (
@@ -181,9 +187,12 @@ def make_sft_trainer(
     )
 
 
-def train_sft(params: SFTParams) -> list[str]:
+def train_sft(params: SFTParams, save_to: Path | None = None) -> list[str]:
     """Train, check that training changed the model, save it; the warnings to record.
 
+    ``save_to``: an empty staged folder (relaypipe/publish.py) that :func:`run` publishes as
+    ``out_model`` together with the metrics; without it (and outside a launch that passes
+    one), the model is written straight to ``out_model`` and the checkpoints removed.
     In several processes (launched by :func:`run`), each trains on its share of every batch
     and only the main one writes the checkpoint fingerprint, the curves and the model."""
     device = pick_device(process_device(params.device))
@@ -218,18 +227,59 @@ def train_sft(params: SFTParams) -> list[str]:
     kept = f" (the curves of this run are in {Path(params.out_dir) / 'live'})"
     warnings = enforce(findings, stage="sft", allow=params.allow_degenerate, kept=kept)
     if main:
-        with atomic_path(params.out_model, directory=True) as tmp:
-            trainer.model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
+        save_to = save_to or (staged_by_launcher() if launched() else None)
+        if save_to is not None:  # published by run(), which then removes the checkpoints
+            trainer.model.save_pretrained(save_to)
+            tok.save_pretrained(save_to)
+        else:
+            with atomic_path(params.out_model, directory=True) as tmp:
+                trainer.model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
     return warnings
 
 
-def check_warmup(params: SFTParams) -> dict:
-    """Teacher-free accuracy before/after warm-up and how many emitted commands parse."""
-    problems = frame_to_problems(read_table(params.eval_problems, ProblemSchema))[: params.eval_n]
+def read_inputs(params: SFTParams) -> list[Problem]:
+    """Check every input before training: the warm-up table, the student (and in-process
+    teacher) folders and the eval problems, which it returns (the first ``eval_n``)."""
+    check_table(
+        params.data,
+        SFTExampleSchema,
+        param="sft.data",
+        made_by="the warmup_data stage",
+        empty=(
+            "the warmup_data stage kept no warm-up example (its student solved none of the "
+            "sampled problems: raise warmup_data.n_problems or warmup_data.samples_per_problem, "
+            "or set warmup_data.min_examples with top_up_with_reference: true)"
+        ),
+    )
+    check_model_dir(params.student, param="sft.student", made_by="the bootstrap stage")
+    if not params.teacher_url:  # a served teacher speaks the student's tokenizer
+        check_model_dir(params.teacher, param="sft.teacher", made_by="the bootstrap stage")
+    frame = check_table(
+        params.eval_problems,
+        ProblemSchema,
+        param="sft.eval_problems",
+        made_by="the prepare stage",
+        empty="the prepare stage wrote no eval problem (prepare.n_eval); re-run prepare",
+    )
+    if params.eval_n < 1:
+        raise StageInputError(f"sft.eval_n = {params.eval_n}: the check needs at least 1 problem")
+    return frame_to_problems(frame)[: params.eval_n]
+
+
+def check_warmup(
+    params: SFTParams, model: str | Path | None = None, problems: list[Problem] | None = None
+) -> dict:
+    """Teacher-free accuracy before/after warm-up and how many emitted commands parse.
+
+    ``model``: the warmed-up model's folder (default ``out_model``); ``problems``: the eval
+    problems already read (default: the first ``eval_n`` of ``eval_problems``)."""
+    if problems is None:
+        frame = read_table(params.eval_problems, ProblemSchema)
+        problems = frame_to_problems(frame)[: params.eval_n]
     base, tok = load_model(params.student, device=params.device, dtype=params.dtype)
-    warm, _ = load_model(params.out_model, device=params.device, dtype=params.dtype)
+    warm, _ = load_model(str(model or params.out_model), device=params.device, dtype=params.dtype)
     metrics: dict[str, Any] = {}
     with build_teacher(
         params.teacher,
@@ -268,14 +318,27 @@ def run(params: SFTParams) -> dict:
     if launched():  # one of the processes started below: train, hand back the warnings
         hand_back(train_sft(params))
         return {}
-    if params.num_processes > 1:
-        prepare_sft(params, pick_device(params.device).type)  # fail here, before launching
-        warnings = train_in_processes("relaypipe.stages.sft", "sft", params, params.num_processes)
-    else:
-        warnings = train_sft(params)
-    metrics = check_warmup(params)
-    metrics["warnings"] = warnings
-    write_json(Path(params.out_dir) / "metrics.json", metrics)
+    # Everything that can be checked before training: the trainer config, then every input.
+    device_type = pick_device(params.device).type
+    build_sft_config(params, device_type)
+    problems = read_inputs(params)
+    # The model is saved into a staged folder, checked from there, and published with
+    # metrics.json only once both exist: a failure anywhere leaves the previous model and
+    # metrics as they were (the curves in out_dir/live record every run, failed ones too).
+    with together() as pub:
+        staged = pub.directory(params.out_model)
+        if params.num_processes > 1:
+            prepare_sft(params, device_type)  # fail here, before launching
+            with staged_for_launch(staged):
+                warnings = train_in_processes(
+                    "relaypipe.stages.sft", "sft", params, params.num_processes
+                )
+        else:
+            warnings = train_sft(params, save_to=staged)
+        metrics = check_warmup(params, staged, problems)
+        metrics["warnings"] = warnings
+        pub.json(Path(params.out_dir) / "metrics.json", metrics)
+    shutil.rmtree(params.checkpoint_dir, ignore_errors=True)  # published: nothing to resume
     return metrics
 
 

@@ -13,6 +13,9 @@ nothing right) or with no command inserted is refused before anything is written
 The teacher is loaded only for the ``disagreement`` policy, and must then be in-process
 weights: the policy compares its logits with the student's at every position, which a served
 teacher (``teacher_url`` in other stages) does not return.
+
+Its inputs are checked before any model is loaded (relaypipe/stages/inputs.py); sft.parquet
+and metrics.json are published together (relaypipe/publish.py).
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import pandas as pd
 import torch
 
 from relaypipe.checks import enforce, warmup_findings
-from relaypipe.io import read_table, write_json, write_table
 from relaypipe.models import check_dtype, load_model
+from relaypipe.publish import together
 from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayDecoder
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
+from relaypipe.stages.inputs import StageInputError, check_model_dir, check_table
 from relaypipe.tasks.base import Problem, check_prompt_options, format_prompt
 from relaypipe.teacher import build_teacher
 from relaypipe.train.sampling import sample_k
@@ -82,11 +86,42 @@ class WarmupDataParams:
         check_dtype(self.dtype)
 
 
+def read_inputs(params: WarmupDataParams) -> list[Problem]:
+    """The problems to sample (``offset`` .. ``offset + n_problems``), and checks of the
+    student folder (and the teacher's, for policy disagreement): before any model is loaded."""
+    frame = check_table(
+        params.problems,
+        ProblemSchema,
+        param="warmup_data.problems",
+        made_by="the prepare stage",
+        empty="the prepare stage wrote no training problem (prepare.n_train); re-run prepare",
+    )
+    window = frame.iloc[params.offset : params.offset + params.n_problems]
+    if window.empty:
+        raise StageInputError(
+            f"warmup_data.offset = {params.offset} and warmup_data.n_problems = "
+            f"{params.n_problems} select no row of {params.problems}, which has {len(frame)} "
+            "(prepare.n_train): lower the offset or raise prepare.n_train"
+        )
+    check_model_dir(params.student, param="warmup_data.student", made_by="the bootstrap stage")
+    if params.insert.policy == "disagreement":
+        check_model_dir(
+            params.teacher,
+            param="warmup_data.teacher",
+            made_by="the bootstrap stage",
+            served=(
+                "policy disagreement compares the teacher's logits with the student's at every "
+                "position, which needs its weights in-process: use another "
+                "warmup_data.insert.policy, or a teacher folder with weights"
+            ),
+        )
+    return frame_to_problems(window)
+
+
 def run(params: WarmupDataParams) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
-    frame = read_table(params.problems, ProblemSchema)
-    problems = frame_to_problems(frame.iloc[params.offset : params.offset + params.n_problems])
+    problems = read_inputs(params)
     student, tok = load_model(params.student, device=params.device, dtype=params.dtype)
     if params.insert.policy == "mistakes":
         rows, dropped = reference_rows(params, problems, student, tok)
@@ -115,8 +150,9 @@ def run(params: WarmupDataParams) -> dict:
     )
     # Checked before anything is written: a refused table leaves the previous one in place.
     metrics["warnings"] = enforce(findings, stage="warmup_data", allow=params.allow_degenerate)
-    write_table(table, out / "sft.parquet", SFTExampleSchema)
-    write_json(out / "metrics.json", metrics)
+    with together() as pub:  # the table and its metrics land together
+        pub.table(table, out / "sft.parquet", SFTExampleSchema)
+        pub.json(out / "metrics.json", metrics)
     return metrics
 
 
