@@ -4,10 +4,23 @@ tokens, weight updates)."""
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
-from relaypipe.relay.backends import GenRequest, Sampling, TransformersBackend
+from relaypipe.relay import backends
+from relaypipe.relay.backends import (
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+    GenRequest,
+    Sampling,
+    TransformersBackend,
+    sample_next,
+)
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 
 PROMPTS = ["Q: 1+2\nA: ", "Q: 33+4+5+6\nA: ", "Q: 5\nA: ", "Q: 12+1\nA: 7"]
@@ -265,3 +278,123 @@ def test_other_architectures_use_their_own_forward():
     ctx = short + got[1].tokens + [7]
     again = backend.generate([GenRequest("b", ctx, 5)])[0]
     assert again.prefill_tokens == 2 and again.tokens == reference(model, ctx, 5)
+
+
+# ---------------------------------------------------------------------------- Sampling bounds
+NAN, INF = float("nan"), float("inf")
+BAD_SAMPLING = {
+    "temperature": [
+        *(-1.0, -1e-9, 1e-30, 1e-300, 5e-324, 9.99e-6, 100.0001, 101, 1e308, NAN, INF, -INF),
+        *(True, False, "1.0", None, [1.0], 1j),
+    ],
+    "top_p": [
+        *(0, 0.0, -0.1, -1e-9, 1e-46, 1e-45, 1e-30, 9.99e-7, 1.0000001, 2, NAN, INF, -INF),
+        *(True, "0.5", None),
+    ],
+    "top_k": [-1, -2, 2**31, 2**63, 1.5, 2.0, NAN, True, "3", None],
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [(name, v) for name, values in BAD_SAMPLING.items() for v in values],
+    ids=lambda x: repr(x)[:20],
+)
+def test_sampling_refuses_values_that_break_sampling(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {re.escape(repr(value))}$"):
+        Sampling(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"temperature": 0},
+        {"temperature": -0.0},  # 0: greedy
+        {"temperature": MIN_TEMPERATURE},
+        {"temperature": MAX_TEMPERATURE},
+        {"temperature": 1},
+        {"temperature": np.float32(0.7)},
+        {"top_p": MIN_TOP_P},
+        {"top_p": 1},
+        {"top_k": 0},
+        {"top_k": 1},
+        {"top_k": MAX_TOP_K},
+        {"top_k": np.int64(5)},
+    ],
+)
+def test_sampling_accepts_its_bounds(kwargs):
+    Sampling(**kwargs)
+
+
+def test_the_server_accepts_exactly_what_sampling_accepts():
+    """The protocol's bounds are Sampling's: a request the server takes always samples."""
+    from relaypipe.serve import protocol
+    from relaypipe.serve.engines import CompletionParams
+
+    for const in ("MIN_TEMPERATURE", "MAX_TEMPERATURE", "MIN_TOP_P", "MAX_TOP_K"):
+        assert getattr(protocol, const) is getattr(backends, const)
+    limits = protocol.ServeLimits()
+    ctx = protocol.RequestContext(vocab_size=100, limits=limits)
+    edges = {
+        "temperature": [0.0, 1e-5, 9.99e-6, 1e-30, 0.5, 100.0, 100.5, -1.0],
+        "top_p": [1e-6, 9.99e-7, 1e-46, 0.0, 0.5, 1.0, 1.5],
+        "top_k": [-2, -1, 0, 1, 7, MAX_TOP_K, MAX_TOP_K + 1],
+    }
+    for name, values in edges.items():
+        for value in values:
+            body = {"prompt": [1, 2], name: value}
+            try:
+                req = protocol.parse_completion_request(body, ctx)
+            except protocol.ApiError:
+                server = False
+            else:
+                server = True
+                CompletionParams.from_request(req, limits)  # builds its Sampling: no error
+            try:
+                Sampling(**{name: 0 if name == "top_k" and value == -1 else value})
+                ours = True
+            except ValueError:
+                ours = False
+            assert server == ours, (name, value)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        Sampling(temperature=MIN_TEMPERATURE, top_p=MIN_TOP_P),
+        Sampling(temperature=MIN_TEMPERATURE),
+        Sampling(temperature=1.0, top_p=MIN_TOP_P),
+    ],
+    ids=["coldest-narrowest", "coldest", "narrowest"],
+)
+def test_the_extreme_valid_samplings_decode_as_greedy(tiny_models, tokenizer, fast, sampling):
+    """The coldest temperature and the narrowest top_p decode without error, and keep the most
+    likely token only: greedy decoding."""
+    model = tiny_models[0]
+    backend = TransformersBackend(model, fast=fast)
+    contexts = [ids(tokenizer, p) for p in PROMPTS]
+    reqs = [GenRequest(i, c, 12, torch.Generator().manual_seed(i)) for i, c in enumerate(contexts)]
+    got = backend.generate(reqs, sampling=sampling)
+    for c, res in zip(contexts, got, strict=True):
+        assert res.tokens == reference(model, c, 12)
+
+
+def test_the_hottest_widest_sampling_decodes(tiny_models, tokenizer):
+    backend = TransformersBackend(tiny_models[0])
+    sampling = Sampling(temperature=MAX_TEMPERATURE, top_k=MAX_TOP_K, top_p=1.0)
+    res = backend.generate(
+        [GenRequest("x", ids(tokenizer, PROMPTS[0]), 16, torch.Generator().manual_seed(0))],
+        sampling=sampling,
+    )[0]
+    assert len(res.tokens) == 16 or res.finish == "eos"
+    assert all(0 <= t < tiny_models[0].config.vocab_size for t in res.tokens)
+
+
+def test_sample_next_at_the_bounds_with_extreme_logits():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([3e4, -3e4, 0.0, 3e4 - 1, float("-inf")])
+    cold = Sampling(temperature=MIN_TEMPERATURE, top_p=MIN_TOP_P)
+    assert {sample_next(logits, cold, gen) for _ in range(20)} == {0}
+    hot = Sampling(temperature=MAX_TEMPERATURE, top_k=MAX_TOP_K)
+    assert {sample_next(logits, hot, gen) for _ in range(50)} <= {0, 1, 2, 3}

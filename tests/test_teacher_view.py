@@ -182,7 +182,9 @@ def check_request(
         assert ctx == tr.prompt_ids + tr.token_ids[: len(ctx) - len(tr.prompt_ids)]
     if cfg.mode == "student":
         assert not tr.handoffs
-    if cfg.mode == "teacher":  # the first view is the prompt alone
+    if cfg.mode == "teacher" and not views:  # a teacher budget of 0: no call, nothing written
+        assert not tr.token_ids and 0 in (cfg.max_calls, cfg.max_teacher_tokens)
+    elif cfg.mode == "teacher":  # the first view is the prompt alone
         assert views[0] == tr.prompt_ids
     for e in tr.events:
         if e.kind == "unterminated" and "abandoned" in e.detail:

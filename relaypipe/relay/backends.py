@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,21 +24,49 @@ from transformers import PreTrainedModel
 log = logging.getLogger(__name__)
 
 
+# The bounds of a valid Sampling, also the server's request bounds (relaypipe.serve.protocol
+# imports them from here). Past them sampling breaks in float32: a positive temperature under
+# MIN_TEMPERATURE overflows logits / temperature (1e-30: inf - inf = NaN in the softmax), a
+# top_p under MIN_TOP_P may round to 0 (below ~1e-45) and drop every token.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+MIN_TOP_P = 1e-6
+MAX_TOP_K = 2**31 - 1
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How to pick the next token. ``temperature == 0`` is greedy decoding."""
+    """How to pick the next token. ``temperature == 0`` is greedy decoding.
+
+    Checked at construction (a ValueError naming the field and the value): ``temperature`` is
+    0 or in [MIN_TEMPERATURE, MAX_TEMPERATURE], ``top_p`` in [MIN_TOP_P, 1], ``top_k`` an
+    integer in [0, MAX_TOP_K] (0: no cut; the server maps its -1 to 0); no NaN, no infinity,
+    no bool.
+    """
 
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        t, p, k = self.temperature, self.top_p, self.top_k
+        if not (_is_real(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                f"{MAX_TEMPERATURE:g}], got {t!r}"
+            )
+        if not (_is_real(p) and MIN_TOP_P <= p <= 1):
+            raise ValueError(f"top_p must be in [{MIN_TOP_P:g}, 1], got {p!r}")
+        if not (
+            isinstance(k, numbers.Integral) and not isinstance(k, bool) and 0 <= k <= MAX_TOP_K
+        ):
+            raise ValueError(
+                f"top_k must be an integer in [0, {MAX_TOP_K}] (0: no top-k cut), got {k!r}"
+            )
 
 
 @dataclass

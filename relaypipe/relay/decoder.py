@@ -18,6 +18,25 @@ Modes:
   random_router  each next token goes to the teacher with probability ``router_p``
   fixed_help     every call gets ``fixed_n`` tokens whatever n it asked for
 
+Budgets. ``max_teacher_tokens`` (teacher tokens per request) and ``max_calls`` (hand-offs per
+request, each hand-off that runs being one call) hold in every mode; ``max_new_tokens`` bounds
+all generated tokens. How a mode meets a spent budget:
+
+* relay, fixed_help: a command past a budget is refused (a ``budget`` event) or clipped (a
+  ``clipped`` event), and the student goes on.
+* random_router: a run the router draws is granted at most the teacher tokens left (the
+  hand-off's ``requested`` is the drawn run, ``granted`` the clipped one). Once either budget
+  is spent the router gives the teacher no more tokens and the student writes the rest of the
+  request (up to ``max_new_tokens``). These are no commands, so no event is recorded. While
+  the budgets are not binding the router's draws, and so the tokens, are what they are without
+  them.
+* teacher: the one call is granted ``min(max_new_tokens, max_teacher_tokens)`` tokens. When
+  the teacher has written its budget the request ends with stop reason ``max_teacher_tokens``;
+  with ``max_calls == 0`` (or ``max_teacher_tokens == 0``) it ends before any token with stop
+  reason ``max_calls`` (``max_teacher_tokens``). Like ``max_new_tokens`` and ``max_turns``
+  these are exhausted bounds, not ends of sequence (the server reports ``finish_reason
+  "length"``).
+
 What the teacher sees. In every mode and at every hand-off the teacher's view holds no call
 tag and no part of a command:
 
@@ -77,8 +96,10 @@ class RelayConfig:
     max_new_tokens: int = 256  # generated tokens per request, all sources together
     max_turns: int = 32  # student rounds per request
     max_call_tokens: int = 64  # the largest n one call is granted; larger requests are clipped
-    max_teacher_tokens: int | None = None  # per-request teacher-token budget (None: unbounded)
-    max_calls: int | None = None  # per-request call budget (None: unbounded)
+    # per-request budgets, every mode (None: unbounded); a hand-off of the random router or of
+    # teacher mode is a call too (module docstring, "Budgets")
+    max_teacher_tokens: int | None = None  # teacher tokens
+    max_calls: int | None = None  # hand-offs
     router_p: float = 0.0  # random_router: probability that a token is the teacher's
     fixed_n: int = 8  # fixed_help: tokens granted per call
     student_sampling: Sampling = field(default_factory=Sampling)
@@ -193,9 +214,9 @@ class RelayDecoder:
             started=t0,
         )
         if cfg.mode == "teacher":
-            st.phase, st.grant, st.requested = "teacher", cfg.max_new_tokens, cfg.max_new_tokens
+            self._teacher_writes(st, cfg)
         elif cfg.mode == "random_router":
-            st.next_router_switch = self._draw_student_run(st, cfg)
+            st.next_router_switch = self._next_router_switch(st, cfg)
         return st
 
     @staticmethod
@@ -211,6 +232,47 @@ class RelayDecoder:
             i += 1
         return i
 
+    @staticmethod
+    def _teacher_tokens_left(st: _State, cfg: RelayConfig) -> int | None:
+        """Teacher tokens the request may still get (None: no teacher-token budget)."""
+        if cfg.max_teacher_tokens is None:
+            return None
+        return cfg.max_teacher_tokens - st.trace.n_teacher
+
+    def _out_of_teacher_tokens(self, st: _State, cfg: RelayConfig) -> bool:
+        left = self._teacher_tokens_left(st, cfg)
+        return left is not None and left <= 0
+
+    def _spent_budget(self, st: _State, cfg: RelayConfig) -> str | None:
+        """The name of a teacher budget that allows no further hand-off, if one does."""
+        if cfg.max_calls is not None and st.trace.calls >= cfg.max_calls:
+            return "max_calls"
+        if self._out_of_teacher_tokens(st, cfg):
+            return "max_teacher_tokens"
+        return None
+
+    def _next_router_switch(self, st: _State, cfg: RelayConfig) -> int:
+        """random_router: where the router next hands over; never once a budget is spent
+        (the student writes the rest), else drawn as without budgets."""
+        if self._spent_budget(st, cfg) is not None:
+            return cfg.max_new_tokens
+        return self._draw_student_run(st, cfg)
+
+    def _teacher_writes(self, st: _State, cfg: RelayConfig) -> None:
+        """teacher mode: one call for the whole request, within the teacher budgets; a
+        request whose budgets allow no call ends at once (module docstring)."""
+        spent = self._spent_budget(st, cfg)
+        if spent == "max_calls":
+            self._finish(st, StopReason.MAX_CALLS)
+            return
+        if spent == "max_teacher_tokens":
+            self._finish(st, StopReason.MAX_TEACHER_TOKENS)
+            return
+        room = self._room(st, cfg)
+        left = self._teacher_tokens_left(st, cfg)
+        st.phase, st.requested = "teacher", room
+        st.grant = room if left is None else min(room, left)
+
     def _finish(self, st: _State, reason: str) -> None:
         self._mark_unterminated(st)  # however the request ends, an open command stays one
         st.phase = "done"
@@ -225,10 +287,12 @@ class RelayDecoder:
         for st in states:
             limit = self._room(st, cfg)
             if cfg.mode == "random_router":
-                limit = min(limit, st.next_router_switch - len(st.trace.token_ids))
-                if limit <= 0:  # the router gives the very next token to the teacher
+                if st.next_router_switch <= len(st.trace.token_ids):
+                    # the router gives the very next token to the teacher (budgets allowing)
                     self._route_to_teacher(st, cfg)
-                    continue
+                    if st.phase == "teacher":
+                        continue
+                limit = min(limit, st.next_router_switch - len(st.trace.token_ids))
             asked.append(st)
             reqs.append(
                 GenRequest(
@@ -245,12 +309,19 @@ class RelayDecoder:
             self._after_student(st, res, cfg)
 
     def _route_to_teacher(self, st: _State, cfg: RelayConfig) -> None:
-        """random_router: the next token is the teacher's, and each further one with p."""
+        """random_router: the next token is the teacher's, and each further one with p; the
+        run is clipped to the teacher tokens left. With a budget spent the router hands over
+        no more: the student writes the rest."""
+        if self._spent_budget(st, cfg) is not None:
+            st.next_router_switch = cfg.max_new_tokens
+            return
         room = self._room(st, cfg)
         run = 1
         while run < room and st.router.random() < cfg.router_p:
             run += 1
-        st.phase, st.grant, st.requested = "teacher", run, run
+        left = self._teacher_tokens_left(st, cfg)
+        st.phase, st.requested = "teacher", run
+        st.grant = run if left is None else min(run, left)
 
     def _after_student(self, st: _State, res: GenResult, cfg: RelayConfig) -> None:
         tr = st.trace
@@ -400,9 +471,11 @@ class RelayDecoder:
                 self._finish(st, StopReason.MAX_NEW_TOKENS)
             elif failed and cfg.mode == "teacher":  # nobody else may write: end it unanswered
                 self._finish(st, StopReason.TEACHER_ERROR)
+            elif cfg.mode == "teacher" and self._out_of_teacher_tokens(st, cfg):
+                self._finish(st, StopReason.MAX_TEACHER_TOKENS)  # nobody else may write
             else:
                 st.phase = "student"
                 if cfg.mode == "random_router":
-                    st.next_router_switch = self._draw_student_run(st, cfg)
+                    st.next_router_switch = self._next_router_switch(st, cfg)
                     if failed:  # the student writes a token before the router may retry
                         st.next_router_switch = max(st.next_router_switch, start + 1)

@@ -33,6 +33,9 @@ class StopReason:
     MAX_NEW_TOKENS = "max_new_tokens"
     MAX_TURNS = "max_turns"
     TEACHER_ERROR = "teacher_error"
+    # teacher mode only (nobody else may write): a teacher budget of RelayConfig is spent
+    MAX_TEACHER_TOKENS = "max_teacher_tokens"
+    MAX_CALLS = "max_calls"
 
 
 @dataclass

@@ -299,6 +299,8 @@ _FINISH = {
     StopReason.TEACHER_EOS: "stop",
     StopReason.MAX_NEW_TOKENS: "length",
     StopReason.MAX_TURNS: "length",
+    StopReason.MAX_TEACHER_TOKENS: "length",  # teacher mode: its budget ran out
+    StopReason.MAX_CALLS: "length",
 }
 
 
@@ -315,11 +317,10 @@ class RelayEngine:
     absent or ``null`` option means the operator's value. ``allowed_modes`` (default: all) are
     the modes a request may ask for.
 
-    In modes ``teacher`` and ``random_router`` the decoder does not check the teacher budgets
-    (the teacher is not called by the student), so the engine enforces them through the
-    request's token bound: there every teacher token, and every hand-off, takes at least one
-    generated token, so ``max_new_tokens`` is lowered to ``max_teacher_tokens`` (both modes) and
-    to ``max_calls`` (``random_router``; ``teacher`` makes exactly one call).
+    The budgets are the decoder's to enforce, in every mode (see :mod:`relaypipe.relay.decoder`):
+    a request's ``max_tokens`` is its ``max_new_tokens`` as asked, in ``random_router`` mode too
+    (once the teacher budget is spent the student writes the rest). Mode ``teacher`` with a
+    budget of 0 (``max_teacher_tokens`` or ``max_calls``) could write nothing and is a 400.
 
     ``text`` is the answer with command tokens removed; ``token_ids`` are all generated ids in
     the student's view (commands included), aligned with ``relay.sources``.
@@ -389,30 +390,21 @@ class RelayEngine:
                 f"(it is scaled by {RELAY_SEED_STRIDE}), got {brief(seed)}",
                 "seed",
             )
-        max_new = params.max_tokens
-        bounds = [("max_teacher_tokens", caps["max_teacher_tokens"])]
-        if mode == "random_router":
-            bounds.append(("max_calls", caps["max_calls"]))
         if mode == "teacher" and caps["max_calls"] == 0:
             raise ApiError(
                 400, "mode 'teacher' needs one call; 'relay.max_calls' is 0", "relay.max_calls"
             )
-        if mode in ("teacher", "random_router"):
-            for name, bound in bounds:
-                if bound is None:
-                    continue
-                if bound < 1:
-                    raise ApiError(
-                        400,
-                        f"mode {mode!r} needs teacher tokens; 'relay.{name}' is 0",
-                        f"relay.{name}",
-                    )
-                max_new = min(max_new, bound)
+        if mode == "teacher" and caps["max_teacher_tokens"] == 0:
+            raise ApiError(
+                400,
+                "mode 'teacher' needs teacher tokens; 'relay.max_teacher_tokens' is 0",
+                "relay.max_teacher_tokens",
+            )
         try:
             return dataclasses.replace(
                 base,
                 mode=mode,
-                max_new_tokens=max_new,
+                max_new_tokens=params.max_tokens,
                 student_sampling=params.sampling,
                 teacher_sampling=params.sampling,
                 seed=seed,

@@ -34,12 +34,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse
 
+# the sampling bounds are Sampling's own, so a request the server accepts always samples
+from relaypipe.relay.backends import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, MIN_TOP_P
+
 MAX_INT64 = 2**63 - 1
 MAX_SEED = MAX_INT64  # seeds are in [0, 2**63); engines may narrow this (see RelayEngine)
-MIN_TEMPERATURE = 1e-5  # (0, 1e-5) overflows float32 logits / temperature into NaN
-MAX_TEMPERATURE = 100.0
-MIN_TOP_P = 1e-6  # below float32's range a top_p rounds to 0 and drops every token
-MAX_TOP_K = 2**31 - 1
 MAX_STOP_TOKEN_IDS = 1024
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions, lowered to the server's cap
 
