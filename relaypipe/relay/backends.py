@@ -5,6 +5,16 @@ commands, or the teacher's view without) and returns up to ``max_new_tokens`` ne
 may keep per-request state between calls under the request's ``key``; the in-process backend
 keeps each request's KV cache, so a call prefills only the tokens it has not seen yet (the
 longest common prefix with what it cached is reused). An HTTP backend fits the same interface.
+
+Logit bias (an optional capability). A request may carry ``GenRequest.logit_bias``, a map from
+token id to a number added to that token's logit at every sampling step of the request, before
+temperature, top-k and top-p, greedy or not (OpenAI's ``logit_bias``, in logit units). ``-inf``
+bans the token; ``+inf`` forces it (every other token is banned; several forced tokens share
+the mass equally); NaN is refused. A backend that honours it says so with a class attribute
+``supports_logit_bias = True`` (:class:`TransformersBackend` does); a backend without the
+attribute may ignore the field, so a caller that needs a bias must check the flag first (the
+relay decoder does, for its ``call_bias``). ``None`` or ``{}`` is no bias: the request decodes
+exactly as it would without the field.
 """
 
 from __future__ import annotations
@@ -12,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import math
 import numbers
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,6 +86,9 @@ class GenRequest:
     context: list[int]  # the full context in this backend's view
     max_new_tokens: int
     generator: torch.Generator | None = None  # per-request RNG: results independent of batching
+    # token id -> added to its logit at every step (module docstring, "Logit bias"); honoured
+    # by backends with ``supports_logit_bias = True``
+    logit_bias: Mapping[int, float] | None = None
 
 
 @dataclass
@@ -86,7 +100,12 @@ class GenResult:
 
 
 class Backend(Protocol):
-    """What the relay decoder needs from a model."""
+    """What the relay decoder needs from a model.
+
+    Optional: ``supports_logit_bias = True`` where ``generate`` honours each request's
+    ``logit_bias`` (module docstring); the decoder needs it of the student only for a non-zero
+    ``RelayConfig.call_bias``.
+    """
 
     eos_token_ids: frozenset[int]
 
@@ -99,6 +118,58 @@ class Backend(Protocol):
     ) -> list[GenResult]: ...
 
     def release(self, key: Hashable) -> None: ...
+
+
+def check_logit_bias(bias: Mapping[int, float] | None, vocab_size: int | None = None) -> None:
+    """Refuse a logit bias no backend can apply: a ValueError naming ``logit_bias``, the token
+    and the value. Token ids are integers (not bool) in [0, vocab_size); values are numbers,
+    finite or +-inf, not NaN."""
+    if bias is None:
+        return
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias must be a mapping token id -> bias, got {bias!r}")
+    for tok, value in bias.items():
+        if not isinstance(tok, numbers.Integral) or isinstance(tok, bool) or tok < 0:
+            raise ValueError(f"logit_bias: token ids are integers >= 0, got {tok!r}")
+        if vocab_size is not None and tok >= vocab_size:
+            raise ValueError(
+                f"logit_bias: token id {tok} is outside the vocabulary (size {vocab_size})"
+            )
+        if not _is_real(value) or math.isnan(value):
+            raise ValueError(
+                f"logit_bias[{tok}] must be a number (finite, or +-inf), got {value!r}"
+            )
+
+
+class _LogitBias:
+    """The logit biases of a batch as dense rows, applied to each step's logits.
+
+    ``add`` holds the finite biases and -inf bans (0 elsewhere); rows with a +inf bias are
+    replaced by 0 on their forced tokens and -inf elsewhere (adding +inf would turn softmax
+    into NaN). Only built when some request has a bias: an unbiased batch never comes here.
+    """
+
+    def __init__(self, biases: Sequence[Mapping[int, float] | None], vocab: int, dev) -> None:
+        self.add = torch.zeros((len(biases), vocab), dtype=torch.float32)
+        self.force = torch.zeros((len(biases), vocab), dtype=torch.bool)
+        for row, bias in enumerate(biases):
+            for tok, value in (bias or {}).items():
+                if value == math.inf:
+                    self.force[row, tok] = True
+                else:
+                    self.add[row, tok] = value
+        self.any_force = bool(self.force.any())
+        self.add, self.force = self.add.to(dev), self.force.to(dev)
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Biased float32 logits [R, V] of the batch rows ``rows`` (indices into the batch).
+        Float32 is exact for the unbiased rows (x + 0 == x), so their picks do not change."""
+        out = logits.float() + self.add[rows]
+        if self.any_force:
+            force = self.force[rows]
+            forced = torch.where(force, 0.0, float("-inf"))
+            out = torch.where(force.any(dim=-1, keepdim=True), forced, out)
+        return out
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -411,7 +482,12 @@ class TransformersBackend:
     ``fast`` picks the forward: a lean re-implementation for standard Llama models (the micro
     pair; numerically the same arithmetic), else the model's own forward with the slot cache
     plugged in. ``None`` (default) uses the lean one where supported.
+
+    Honours each request's ``logit_bias`` (module docstring), on both forwards, cached or not;
+    a batch without one runs exactly the code it ran before the bias existed.
     """
+
+    supports_logit_bias = True
 
     def __init__(
         self,
@@ -443,6 +519,7 @@ class TransformersBackend:
             getattr(text, "num_key_value_heads", None) or heads,
             getattr(text, "head_dim", None) or text.hidden_size // heads,
         )
+        self.vocab_size: int | None = getattr(text, "vocab_size", None)
         window = getattr(text, "sliding_window", None)
         self._window = window if getattr(text, "use_sliding_window", True) is not False else None
         self.kv_chunk = kv_chunk
@@ -526,6 +603,10 @@ class TransformersBackend:
             if r.key in seen:
                 raise ValueError(f"request key {r.key!r} appears twice in one call")
             seen.add(r.key)
+            try:
+                check_logit_bias(r.logit_bias, self.vocab_size)
+            except ValueError as err:
+                raise ValueError(f"request {r.key!r}: {err}") from None
         results = [GenResult(tokens=[], finish="length", prefill_tokens=0) for _ in requests]
         live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
         if live:
@@ -676,8 +757,14 @@ class TransformersBackend:
         cur = list(range(b))  # the batch row of each kv row
         greedy = sampling.temperature == 0
         pos = torch.tensor(ctx_len, device=dev).unsqueeze(1)  # [rows, 1]
+        bias = None  # the requests' logit biases, if any has one
+        if any(r.logit_bias for r in batch):
+            bias = _LogitBias([r.logit_bias for r in batch], logits.shape[-1], dev)
+            bias_rows = self._index(cur, dev)
         k = 0
         while True:
+            if bias is not None:
+                logits = bias(logits, bias_rows)
             if greedy:
                 tok = logits.argmax(dim=-1)
                 toks = tok.tolist()
@@ -712,6 +799,8 @@ class TransformersBackend:
                 copied = True
                 cur = [cur[j] for j in keep]
                 tok, pos, rows = tok[keep_t], pos[keep_t], cols[: len(cur)].unsqueeze(1)
+                if bias is not None:
+                    bias_rows = self._index(cur, dev)
             hi = max(ctx_len[i] for i in cur) + k + 1
             if hi > kv.shape[4]:
                 kv = widen(kv, hi)

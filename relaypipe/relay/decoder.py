@@ -64,11 +64,41 @@ tag and no part of a command:
 
 :meth:`RelayTrace.teacher_view_ids` with the tag ids and the tokenizer's text of each token
 rebuilds exactly the context of any hand-off from the trace cut at its start.
+
+Call bias (``RelayConfig.call_bias``): a number added to the student's logit of the open tag
+``<call>`` at its sampling steps, moving a trained student's propensity to call without
+retraining (positive: more calls, negative: fewer; :mod:`relaypipe.calibrate` finds the bias
+that gives a target teacher share). ``0`` (the default) is today's decode, token for token.
+
+* Where: only the student, only in the modes where its calls are honoured (relay,
+  fixed_help). In student, teacher and random_router modes it has no effect at all (the
+  student's calls are blocked or there is no student choice to move): the decode is the one
+  with ``call_bias = 0``.
+* When: at every student step *outside* a command, while the request's budgets allow another
+  call (``max_calls``/``max_teacher_tokens`` not spent; a spent budget refuses every command,
+  so the bias would only make the student write commands nobody answers). Inside a command
+  (after its ``<call>``, through ``</call>``) the student writes the body unbiased: a biased
+  open tag there would only nest a malformed command. To know where a command opens, every
+  student call of a biased decode also stops at ``<call>``; the decoder resumes the student in
+  the next round, within the same turn (``turns`` and ``max_turns`` count it once), unbiased
+  until the command closes. Tokens come from the same per-request RNG, so the split changes
+  nothing but the bias (and costs a round per command).
+* How: the student request carries ``GenRequest.logit_bias = {open_id: call_bias}`` (OpenAI's
+  ``logit_bias``, in logit units), applied by the backend before temperature, top-k and top-p,
+  greedy or sampled; the student backend must have ``supports_logit_bias`` (the in-process
+  backend does; :class:`~relaypipe.relay.http_backend.HTTPBackend` does not yet: it would send
+  the map as ``logit_bias``, whose values OpenAI-style servers clamp to [-100, 100]), else a
+  non-zero bias is refused before decoding.
+* ``-inf`` never opens a command, so the student never calls (the open tag is banned; a
+  stray ``</call>`` it may still write is a malformed stray close, as without a bias);
+  ``+inf`` opens one at every step where the bias applies (the student writes nothing but
+  commands while budgets last). NaN is refused (a ValueError naming ``call_bias``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -78,13 +108,14 @@ from itertools import count
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from relaypipe.relay.backends import Backend, GenRequest, GenResult, Sampling
+from relaypipe.relay.backends import Backend, GenRequest, GenResult, Sampling, _is_real
 from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN, MalformedCall, parse_call_body
 from relaypipe.relay.trace import CallEvent, HandOff, RelayTrace, Source, StopReason
 
 log = logging.getLogger(__name__)
 
 MODES = ("relay", "student", "teacher", "random_router", "fixed_help")
+CALL_MODES = ("relay", "fixed_help")  # the modes that honour the student's calls (call_bias)
 _decode_ids = count()
 
 
@@ -105,6 +136,9 @@ class RelayConfig:
     student_sampling: Sampling = field(default_factory=Sampling)
     teacher_sampling: Sampling = field(default_factory=Sampling)
     seed: int = 0
+    # added to the student's <call> logit outside commands, relay/fixed_help only (module
+    # docstring, "Call bias"); 0: no bias, -inf: never call, +inf: call whenever allowed
+    call_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -118,6 +152,15 @@ class RelayConfig:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
         if not 0.0 <= self.router_p <= 1.0:
             raise ValueError(f"router_p must be in [0, 1], got {self.router_p}")
+        if not _is_real(self.call_bias) or math.isnan(self.call_bias):
+            raise ValueError(
+                f"call_bias must be a number (finite, or +-inf), got {self.call_bias!r}"
+            )
+
+    @property
+    def biased(self) -> bool:
+        """Whether ``call_bias`` acts in this config (non-zero, in a mode with calls)."""
+        return self.call_bias != 0 and self.mode in CALL_MODES
 
 
 @dataclass
@@ -132,6 +175,7 @@ class _State:
     requested: int = 0
     next_router_switch: int = 0  # random_router: generated-token index of the next teacher token
     started: float = 0.0
+    split: bool = False  # call_bias: the last student call stopped at <call>; its turn goes on
 
 
 class RelayDecoder:
@@ -171,6 +215,12 @@ class RelayDecoder:
         split into several batches samples exactly as one big batch would.
         """
         cfg = config or self.config
+        if cfg.biased and not getattr(self.student, "supports_logit_bias", False):
+            raise ValueError(
+                f"call_bias={cfg.call_bias} needs a student backend that honours "
+                f"GenRequest.logit_bias (supports_logit_bias); {type(self.student).__name__} "
+                "does not"
+            )
         batch_id = next(_decode_ids)
         t0 = time.perf_counter()
         states = [
@@ -300,13 +350,25 @@ class RelayDecoder:
                     context=st.trace.prompt_ids + st.trace.token_ids,
                     max_new_tokens=limit,
                     generator=st.student_gen,
+                    logit_bias=self._call_bias(st, cfg),
                 )
             )
+        # with a call bias the student also stops at an open tag: the body is written unbiased
+        stops = [self.close_id, self.open_id] if cfg.biased else [self.close_id]
         results = self.student.generate(
-            reqs, stop_token_ids=frozenset([self.close_id]), sampling=cfg.student_sampling
+            reqs, stop_token_ids=frozenset(stops), sampling=cfg.student_sampling
         )
         for st, res in zip(asked, results, strict=True):
             self._after_student(st, res, cfg)
+
+    def _call_bias(self, st: _State, cfg: RelayConfig) -> dict[int, float] | None:
+        """The student request's logit bias: ``call_bias`` on the open tag outside a command
+        while a call could still be granted, else none (module docstring, "Call bias")."""
+        if not cfg.biased or self._open_index(st) is not None:
+            return None
+        if self._spent_budget(st, cfg) is not None:
+            return None
+        return {self.open_id: float(cfg.call_bias)}
 
     def _route_to_teacher(self, st: _State, cfg: RelayConfig) -> None:
         """random_router: the next token is the teacher's, and each further one with p; the
@@ -325,13 +387,23 @@ class RelayDecoder:
 
     def _after_student(self, st: _State, res: GenResult, cfg: RelayConfig) -> None:
         tr = st.trace
-        tr.turns += 1
+        if not st.split:  # a call resumed after an open tag is the same turn
+            tr.turns += 1
+        st.split = False
         tr.student_prefill_tokens += res.prefill_tokens
         start = len(tr.token_ids)
         tr.token_ids.extend(res.tokens)
         tr.sources.extend([Source.STUDENT] * len(res.tokens))
         if res.finish == "error":
             self._finish(st, StopReason.TEACHER_ERROR)
+            return
+        if res.finish == "stop" and cfg.biased and res.tokens[-1] == self.open_id:
+            # stopped at <call> (a stop token only under a call bias): the student goes on
+            # writing the command's body, unbiased, in the next round
+            if self._room(st, cfg) <= 0:
+                self._finish(st, StopReason.MAX_NEW_TOKENS)
+            else:
+                st.split = True
             return
         if res.finish == "stop":
             self._handle_command(st, cfg, turn_start=start)
