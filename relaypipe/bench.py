@@ -18,6 +18,11 @@ prefill: ``(student-only seconds - prompt tokens x prefill rate) / generated tok
 
 Timing on a shared machine is noisy: every mode runs once per repeat, repeats interleave the
 modes, throughputs are medians over repeats and ratios are medians of per-repeat ratios.
+
+Every decode runs under the student's recorded bounds and frames questions in its recorded
+prompt format when the student folder has a ``relay.json`` (a trained relay model; see
+:mod:`relaypipe.bounds`), else under the decoder's defaults and the plain ``Q:/A:`` prompt;
+``--max-turns`` and friends, ``--chat-template`` override. The results' ``config`` says which.
 """
 
 from __future__ import annotations
@@ -37,6 +42,13 @@ from typing import Any
 
 import torch
 
+from relaypipe.bounds import (
+    DECODER_DEFAULTS,
+    PromptFormat,
+    RelayBounds,
+    add_bound_arguments,
+    add_prompt_arguments,
+)
 from relaypipe.relay.backends import GenRequest, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.trace import RelayTrace
@@ -66,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    add_bound_arguments(p)
+    add_prompt_arguments(p)
 
 
 def _floats(text: str) -> list[float]:
@@ -166,8 +180,14 @@ def run_benchmark(
     repeats: int = 3,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    bounds: RelayBounds = DECODER_DEFAULTS,
+    prompt: PromptFormat | None = None,
+    decoding_from: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Measure every mode for every batch size; returns the JSON-able results."""
+    """Measure every mode for every batch size; returns the JSON-able results.
+
+    ``bounds`` and ``prompt``: what every decode runs under and how questions are framed
+    (``decoding_from``: where they came from, for the results' config)."""
     from relaypipe.models import load_model
     from relaypipe.tasks.base import format_prompt
 
@@ -175,17 +195,20 @@ def run_benchmark(
     teacher, _ = load_model(teacher_dir, device=device)
     s_back, t_back = TransformersBackend(student, name="student"), TransformersBackend(teacher)
     dec = RelayDecoder(s_back, t_back, tok)
-    texts = [format_prompt(q) for q in questions]
+    prompt = prompt or PromptFormat()
+    texts = [format_prompt(q, tok, **prompt.format_kwargs()) for q in questions]
     prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
     prompt_tokens = sum(len(p) for p in prompts)
 
-    def cfg(mode: str, p: float = 0.0) -> RelayConfig:
-        return RelayConfig(mode=mode, router_p=p, max_new_tokens=max_new_tokens, seed=0)
+    def cfg(mode: str, p: float = 0.0, new: int = max_new_tokens) -> RelayConfig:
+        return RelayConfig(
+            mode=mode, router_p=p, max_new_tokens=new, seed=0, **bounds.relay_kwargs()
+        )
 
     # warm-up: first calls allocate caches and pick kernels
     warm = prompts[: max(batch_sizes)]
     for mode in ("student", "teacher"):
-        _decode(dec, warm, len(warm), RelayConfig(mode=mode, max_new_tokens=4))
+        _decode(dec, warm, len(warm), cfg(mode, new=4))
     _hf_generate(student, tok, texts[:2], 2, 2)
 
     results = []
@@ -295,6 +318,10 @@ def run_benchmark(
             "n_prompts": len(prompts),
             "prompt_tokens": prompt_tokens,
             "max_new_tokens": max_new_tokens,
+            "bounds": bounds.relay_kwargs(),
+            "chat_template": prompt.chat_template,
+            "chat_template_kwargs": dict(prompt.chat_template_kwargs),
+            **({"decoding_from": decoding_from} if decoding_from else {}),
             "repeats": repeats,
             "threads": torch.get_num_threads(),
             "device": device,
@@ -392,6 +419,14 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("error: --router-ps must lie in [0, 1]")
     if args.n_prompts < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         raise SystemExit("error: --n-prompts, --max-new-tokens and --repeats must be >= 1")
+    from relaypipe.bounds import resolve_for_command
+
+    try:
+        decoding = resolve_for_command(args.student, args)
+    except ValueError as err:  # a bound out of range, kwargs without a chat template
+        raise SystemExit(f"error: {err}") from err
+    if decoding.record is not None:
+        print(f"relaypipe bench: {decoding.note()}", file=sys.stderr, flush=True)
     questions = list(pd.read_parquet(args.problems, columns=["question"])["question"])
     if not questions:
         raise SystemExit(f"error: no questions in {args.problems}")
@@ -410,6 +445,9 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             device=args.device,
             progress=lambda m: print(m, file=sys.stderr, flush=True),
+            bounds=decoding.bounds,
+            prompt=decoding.prompt,
+            decoding_from={"bounds": decoding.bounds_from, "prompt": decoding.prompt_from},
         )
     finally:
         torch.set_num_threads(threads)

@@ -96,7 +96,9 @@ def bootstrap_findings(metrics: Mapping[str, Any], *, kind: str, where: str) -> 
     if kind == "pretrained":
         grow = {
             "student": "a fine-tune, bootstrap.student_train",
-            "teacher": "bootstrap.teacher_train.steps, or a stronger teacher_source / teacher_url",
+            "teacher": (
+                "bootstrap.teacher_train.steps, or a stronger teacher_source / teacher_server"
+            ),
         }
     else:
         grow = {

@@ -5,6 +5,12 @@
 
 prints each answer with the teacher's tokens marked ⟦like this⟧ and a one-line summary.
 
+A student that a training stage wrote (``data/models/relay``, ``data/models/warmup``) carries
+``relay.json``: the bounds and prompt format it was trained with. ``decode``, ``serve`` and
+``bench`` default to those (each flag overrides its part; see :mod:`relaypipe.bounds`), and
+decode says so on stderr; a student without the file gets the decoder's defaults and the plain
+``Q:/A:`` prompt.
+
 Bad input (a missing model directory, an option value a command refuses, an unreachable
 teacher server) is reported in a line or two on stderr with exit status 2; ``-v`` adds the
 full traceback (as ``RELAYPIPE_TRACEBACK=1`` does). See :mod:`relaypipe.errors`.
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from relaypipe import cli_bench, cli_import, errors
+from relaypipe.bounds import add_bound_arguments, add_prompt_arguments
 
 PROG = "relaypipe"
 
@@ -116,22 +123,9 @@ def _decode_parser(sub: argparse._SubParsersAction, add_teacher_arguments: Calla
     src.add_argument("--prompt", action="append", help="a question (repeatable)")
     src.add_argument("--prompts-file", type=Path, help="a text file, one question per line")
     p.add_argument(
-        "--raw", action="store_true", help="send prompts as-is, without the Q:/A: template"
+        "--raw", action="store_true", help="send prompts as-is, without any prompt template"
     )
-    p.add_argument(
-        "--chat-template",
-        action="store_true",
-        help="frame each question with the student tokenizer's chat template (as the stages' "
-        "chat_template: true does)",
-    )
-    p.add_argument(
-        "--chat-template-kwargs",
-        type=_json_object,
-        default={},
-        metavar="JSON",
-        help="variables for the chat template, e.g. '{\"enable_thinking\": false}' for Qwen3 "
-        "(the stages' chat_template_kwargs); needs --chat-template",
-    )
+    add_prompt_arguments(p)
     p.add_argument(
         "--mode",
         choices=DECODE_MODES,
@@ -143,19 +137,7 @@ def _decode_parser(sub: argparse._SubParsersAction, add_teacher_arguments: Calla
     p.add_argument(
         "--max-new-tokens", type=int, default=128, help="generated tokens per prompt, in all"
     )
-    p.add_argument("--max-turns", type=int, default=32, help="student rounds per prompt")
-    p.add_argument(
-        "--max-call-tokens", type=int, default=64, help="the most tokens one call is granted"
-    )
-    p.add_argument(
-        "--max-teacher-tokens",
-        type=int,
-        default=None,
-        help="teacher-token budget per prompt (None: unbounded)",
-    )
-    p.add_argument(
-        "--max-calls", type=int, default=None, help="call budget per prompt (None: unbounded)"
-    )
+    add_bound_arguments(p)
     p.add_argument("--router-p", type=float, default=0.1, help="random_router probability")
     p.add_argument("--fixed-n", type=int, default=8, help="fixed_help tokens per call")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -164,19 +146,6 @@ def _decode_parser(sub: argparse._SubParsersAction, add_teacher_arguments: Calla
         "--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when there is one)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON trace per line instead")
-
-
-def _json_object(text: str) -> dict:
-    """argparse type: a JSON object (``{"enable_thinking": false}``)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(
-            f"expected a JSON object like '{{\"a\": 1}}', got {text!r}"
-        )
-    return value
 
 
 def _read_questions(args: argparse.Namespace) -> list[str]:
@@ -191,29 +160,40 @@ def _read_questions(args: argparse.Namespace) -> list[str]:
     return questions
 
 
-def _prompts(args: argparse.Namespace, questions: list[str], tok: Any) -> list[str]:
-    """The questions as the stages frame them (``--raw``: as given)."""
+def _prompts(args: argparse.Namespace, questions: list[str], tok: Any, prompt: Any) -> list[str]:
+    """The questions framed as ``prompt`` (a PromptFormat) says (``--raw``: as given)."""
     from relaypipe.tasks.base import format_prompt
 
     if args.raw:
         return questions
-    return [
-        format_prompt(
-            q,
-            tok,
-            chat_template=args.chat_template,
-            chat_template_kwargs=args.chat_template_kwargs,
-        )
-        for q in questions
-    ]
+    return [format_prompt(q, tok, **prompt.format_kwargs()) for q in questions]
+
+
+def resolve_decoding(args: argparse.Namespace, student: str, prog: str) -> Any:
+    """The bounds and prompt format for ``student`` (flags, else its relay.json, else the
+    defaults): :func:`relaypipe.bounds.resolve_for_command`, errors as brief exits."""
+    from relaypipe.bounds import resolve_for_command
+
+    try:
+        decoding = resolve_for_command(student, args)
+    except ValueError as err:  # a bound out of range, kwargs without a chat template
+        raise SystemExit(f"error: {err}") from err
+    if decoding.record is not None:
+        note = decoding.note()
+        if getattr(args, "raw", False):  # the recorded prompt format goes unused
+            note = note.replace(
+                f"prompts framed as {decoding.prompt.describe()} ({decoding.prompt_from})",
+                "prompts sent as given (--raw)",
+            )
+        print(f"{prog}: {note}", file=sys.stderr)
+    return decoding
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    if args.chat_template_kwargs and not args.chat_template:
-        raise SystemExit("error: --chat-template-kwargs needs --chat-template")
-    if args.raw and args.chat_template:
-        raise SystemExit("error: --raw sends prompts as-is; drop --chat-template or --raw")
+    if args.raw and (args.chat_template or args.chat_template_kwargs is not None):
+        raise SystemExit("error: --raw sends prompts as-is; drop --chat-template(-kwargs) or --raw")
     questions = _read_questions(args)
+    decoding = resolve_decoding(args, args.student, f"{PROG} decode")
 
     from relaypipe import cli_serve
     from relaypipe.models import load_model
@@ -225,10 +205,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         cfg = RelayConfig(
             mode=args.mode,
             max_new_tokens=args.max_new_tokens,
-            max_turns=args.max_turns,
-            max_call_tokens=args.max_call_tokens,
-            max_teacher_tokens=args.max_teacher_tokens,
-            max_calls=args.max_calls,
+            **decoding.bounds.relay_kwargs(),
             router_p=args.router_p,
             fixed_n=args.fixed_n,
             student_sampling=Sampling(temperature=args.temperature),
@@ -238,7 +215,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     student, tok = load_model(args.student, device=args.device)
-    prompts = _prompts(args, questions, tok)
+    prompts = _prompts(args, questions, tok, decoding.prompt)
     teacher = cli_serve.build_teacher(args, tok)
     decoder = RelayDecoder(TransformersBackend(student), teacher, tok, cfg)
     colour = sys.stdout.isatty() and not args.json

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from relaypipe.bounds import add_bound_arguments, add_prompt_arguments
+
 DEFAULT_PROBLEMS = "data/problems/eval.parquet"  # relaypipe.bench.DEFAULT_PROBLEMS
 
 
@@ -30,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", type=Path, default=None, help="write the results as JSON here (None: don't)"
     )
+    # absent: the student's relay.json (its training bounds and prompt format), else defaults
+    add_bound_arguments(p)
+    add_prompt_arguments(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

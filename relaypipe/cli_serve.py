@@ -13,6 +13,11 @@ default.
 Every operator option that bounds a request's work is a ceiling: a request may ask for less,
 never more (over the cap: a 400 naming the field), and a request that leaves the field out or
 sends ``null`` gets the operator's value, never "unbounded" (see :data:`LIMITS_HELP`).
+
+A student folder with ``relay.json`` (written by grpo/sft, see :mod:`relaypipe.bounds`) sets the
+relay caps a flag leaves out to the bounds it was trained under, and string prompts are framed
+as questions in its recorded prompt format (``--no-frame-prompts``: sent as they are); both are
+logged at start-up and shown in ``/v1/models`` (the card's ``relay`` field).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import argparse
 import logging
 import os
 from typing import TYPE_CHECKING, Any
+
+from relaypipe.bounds import add_bound_arguments, add_prompt_arguments
 
 if TYPE_CHECKING:  # the CLI's --help must not import torch, transformers or the server
     from starlette.applications import Starlette
@@ -88,15 +95,20 @@ out or sends as null means the operator's value, never "unbounded".
   --max-prompt-tokens N   tokens per prompt;   --max-prompts N   prompts per request
   --max-body-bytes N      request body size (larger: 413)
 relay mode (a request's "relay": {...} options):
-  --max-teacher-tokens N  teacher tokens per prompt (relay.max_teacher_tokens; default: none)
-  --max-calls N           calls per prompt (relay.max_calls; default: none)
+  --max-teacher-tokens N  teacher tokens per prompt (relay.max_teacher_tokens)
+  --max-calls N           calls per prompt (relay.max_calls)
   --max-call-tokens N     tokens one call may borrow (relay.max_call_tokens)
   --max-turns N           student rounds per prompt (relay.max_turns)
+  Left out, each of these four is what the student's relay.json recorded (the bounds it was
+  trained under), else the decoder's default (none, none, 64, 32); "none" lifts a budget.
   --allowed-modes M ...   the modes a request may choose (relay.mode; default: all)
   In modes teacher and random_router, where the student makes no calls, the teacher budgets
   also lower the request's max_tokens (each teacher token and each hand-off takes one token).
   --relay-mode (within --allowed-modes), --router-p, --fixed-n and --seed are defaults
   a request may change.
+prompts (relay mode): with --frame-prompts (the default when the student has a relay.json,
+or with --chat-template/--no-chat-template) a string prompt is a question, framed as the
+student was trained (Q:/A:, or its chat template); token-id prompts are sent as they are.
 Bad requests (wrong types, out-of-range numbers, unknown fields, non-JSON) get an
 OpenAI-style JSON 4xx: {"error": {"message", "type", "param", "code"}}.
 """
@@ -182,24 +194,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="MODE",
         help=f"modes a request may ask for (default: all of {', '.join(MODES)})",
     )
+    add_bound_arguments(relay, caps=True, int_type=positive)
     relay.add_argument(
-        "--max-turns", type=positive, default=32, help="cap on student rounds per prompt"
-    )
-    relay.add_argument(
-        "--max-call-tokens", type=positive, default=64, help="cap on tokens one call borrows"
-    )
-    relay.add_argument(
-        "--max-teacher-tokens",
-        type=non_negative,
+        "--frame-prompts",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="cap on teacher tokens per prompt (default: none)",
+        help="frame each string prompt as a question in the student's prompt format "
+        "(default: on when the student has a relay.json or --(no-)chat-template is given, "
+        "else off)",
     )
-    relay.add_argument(
-        "--max-calls",
-        type=non_negative,
-        default=None,
-        help="cap on calls per prompt (default: none)",
-    )
+    add_prompt_arguments(relay)
     relay.add_argument("--router-p", type=_probability, default=0.1, help="random_router default")
     relay.add_argument("--fixed-n", type=positive, default=8, help="fixed_help default")
     relay.add_argument("--seed", type=non_negative, default=0, help="seed of unseeded requests")
@@ -239,6 +243,7 @@ def build_app(args: argparse.Namespace) -> Starlette:
 
     if not (args.teacher or args.teacher_url):
         raise SystemExit("error: relay mode needs --teacher or --teacher-url")
+    decoding = _relay_decoding(args)
     allowed = getattr(args, "allowed_modes", None)
     if allowed is not None and args.relay_mode not in allowed:
         modes = " ".join(allowed)
@@ -248,10 +253,7 @@ def build_app(args: argparse.Namespace) -> Starlette:
     try:
         config = RelayConfig(
             mode=args.relay_mode,
-            max_turns=args.max_turns,
-            max_call_tokens=args.max_call_tokens,
-            max_teacher_tokens=args.max_teacher_tokens,
-            max_calls=args.max_calls,
+            **decoding.bounds.relay_kwargs(),
             router_p=args.router_p,
             fixed_n=args.fixed_n,
             seed=args.seed,
@@ -265,7 +267,52 @@ def build_app(args: argparse.Namespace) -> Starlette:
         engine = RelayEngine(decoder, args.name or "relay", config, allowed_modes=allowed)
     except ValueError as err:  # a seed the decoder cannot scale, say
         raise SystemExit(f"error: {err}") from err
-    return make_app(engine, api_key=api_key, limits=limits)
+    frame = getattr(args, "frame_prompts", None)
+    if frame is None:  # on for a recorded student, or when asked for a format
+        frame = decoding.record is not None or (
+            getattr(args, "chat_template", None) is not None
+            or getattr(args, "chat_template_kwargs", None) is not None
+        )
+    framer = None
+    if frame:
+        from relaypipe.tasks.base import format_prompt
+
+        kwargs = decoding.prompt.format_kwargs()
+
+        def framer(text: str) -> str:
+            return format_prompt(text, tok, **kwargs)
+
+    card = {
+        "bounds": decoding.bounds.relay_kwargs(),
+        "bounds_from": decoding.bounds_from,
+        "frame_prompts": bool(frame),
+        "chat_template": decoding.prompt.chat_template,
+        "chat_template_kwargs": dict(decoding.prompt.chat_template_kwargs),
+        "prompt_from": decoding.prompt_from,
+    }
+    log.info(
+        "relay: %s; string prompts %s",
+        decoding.note(),
+        "framed as questions" if frame else "sent as they are",
+    )
+    return make_app(engine, api_key=api_key, limits=limits, frame_prompt=framer, card=card)
+
+
+def _relay_decoding(args: argparse.Namespace) -> Any:
+    """The caps and prompt format: flags, else the student's relay.json, else the defaults."""
+    from relaypipe.bounds import resolve_for_command
+
+    if getattr(args, "frame_prompts", None) is False and (
+        getattr(args, "chat_template", None) is not None
+        or getattr(args, "chat_template_kwargs", None) is not None
+    ):
+        raise SystemExit(
+            "error: --no-frame-prompts sends prompts as they are; drop --chat-template(-kwargs)"
+        )
+    try:
+        return resolve_for_command(args.student, args)
+    except ValueError as err:  # a cap out of range, kwargs without a chat template
+        raise SystemExit(f"error: {err}") from err
 
 
 def run(args: argparse.Namespace) -> int:

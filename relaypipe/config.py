@@ -3,6 +3,12 @@
 ``build(cls, mapping, where="params.yaml:bootstrap")`` turns a (nested) mapping into the
 dataclass ``cls``: unknown keys, missing required keys and wrong types fail with the dotted
 path of the offending key, so a typo in ``params.yaml`` never silently falls back to a default.
+
+A key that moved (``grpo.teacher_url`` is now ``grpo.teacher.server.url``) is refused with its new
+place: a params class lists its old keys in a ``MOVED_KEYS`` class variable (old key -> new dotted
+key within the section). A nested params class that was once a plain value (``teacher:
+data/models/teacher``) may say how to write it now in a ``SCALAR_HINT`` class variable (formatted
+with ``where``, the dotted key, and ``value``).
 """
 
 from __future__ import annotations
@@ -65,12 +71,32 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return _check_scalar(value, tp, where)
 
 
+def _section(where: str) -> str:
+    """``params.yaml:grpo.teacher`` -> ``grpo.teacher`` (the dotted key, without the file)."""
+    return where.rsplit(":", 1)[-1]
+
+
 def build(cls: type[T], mapping: Any, where: str) -> T:
     """Instantiate dataclass ``cls`` from ``mapping``; ``where`` names it in errors."""
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {mapping!r}")
-    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if not isinstance(mapping, dict):
+        hint = getattr(cls, "SCALAR_HINT", None)
+        if hint and not isinstance(mapping, list | tuple):
+            raise ConfigError(
+                f"{where}: expected a mapping, got {mapping!r}; "
+                + hint.format(where=_section(where), value=mapping)
+            )
+        raise ConfigError(
+            f"{where}: expected a mapping of {cls.__name__} fields ({', '.join(fields)}), "
+            f"got {mapping!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    moved = getattr(cls, "MOVED_KEYS", None) or {}
+    for key in sorted(set(mapping) - set(fields)):
+        if key in moved:
+            raise ConfigError(
+                f"{where}.{key} moved to {_section(where)}.{moved[key]} (see docs/presets.md)"
+            )
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         raise ConfigError(

@@ -1,15 +1,21 @@
 """One factory for the teacher every stage uses: in-process weights or a server at a URL.
 
-Stages that need the teacher (bootstrap's measurement, filter, warmup_data's disagreement
-policy, sft's check, grpo) name it the same way in their ``params.yaml`` section::
+Stages that decode with the teacher (filter, sft's check, grpo, evaluate) name it the same way,
+as one nested section of their ``params.yaml`` section (:class:`TeacherSpec`)::
 
-    teacher: data/models/teacher      # a model directory (in-process), the default
-    teacher_url: null                  # or an OpenAI-compatible /v1/completions server ...
-    teacher_model: null                # ... and the model name it serves (required with a URL)
-    teacher_http: {prompt_format: tokens, timeout_s: 120, ...}   # HTTP knobs (optional)
+    teacher:
+      path: data/models/teacher          # a model directory (in-process), the default
+      server: null                       # or a served teacher (:class:`TeacherServer`), e.g.
+    # server: {url: http://gpu-box:8000/v1, model: Qwen/Qwen3-8B, http: {timeout_s: 300},
+    #          params: 8200000000}
 
-With ``teacher_url`` set (the paper preset: Qwen3-8B behind vLLM), ``teacher`` still names a
-directory, but only its tokenizer is used: the relay exchanges token ids, so the prompt must be
+and the bootstrap stage, which makes the teacher folder, names a served teacher with the same
+:class:`TeacherServer` (``bootstrap.teacher_server``). The old flat keys (``teacher_url``,
+``teacher_model``, ``teacher_http``, evaluate's ``teacher_params``) are refused with the key they
+moved to (:data:`MOVED_TEACHER_KEYS`, read by :func:`relaypipe.config.build`).
+
+With a ``server`` (the paper preset: Qwen3-8B behind vLLM), ``path`` still names a directory,
+but only its tokenizer is used: the relay exchanges token ids, so the prompt must be
 tokenized exactly as the server's model expects (the bootstrap stage writes that directory).
 What cannot work over HTTP fails here, before any work: the ``disagreement`` warm-up policy
 needs the teacher's logits at every position, which a completions API does not return.
@@ -21,16 +27,19 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from relaypipe.relay.backends import Backend
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MOVED_TEACHER_KEYS",
     "REMOTE_TEACHER_RECORD",
     "HTTPOptions",
     "Teacher",
+    "TeacherServer",
+    "TeacherSpec",
     "build_teacher",
     "check_same_tokenizer",
     "validate_teacher_options",
@@ -63,6 +72,73 @@ class HTTPOptions:
             raise ValueError(f"on_failure must be fail or skip, got {self.on_failure!r}")
         if self.timeout_s <= 0 or self.max_retries < 0 or self.concurrency < 1:
             raise ValueError("need timeout_s > 0, max_retries >= 0 and concurrency >= 1")
+
+
+@dataclass(frozen=True)
+class TeacherServer:
+    """A teacher served at an OpenAI-compatible ``/v1/completions`` URL (vLLM, ``relaypipe
+    serve --model``), as every stage names it."""
+
+    url: str  # e.g. http://gpu-box:8000/v1
+    model: str  # the model name the server serves (checked at start-up unless http.check: false)
+    http: HTTPOptions = field(default_factory=HTTPOptions)
+    # its parameter count: the evaluate stage needs it (the report's FLOPs and cost cannot read
+    # it from weights behind a server); bootstrap records it in bootstrap.json; others ignore it
+    params: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.url.strip():
+            raise ValueError("url is empty (an OpenAI-compatible server, e.g. http://host:8000/v1)")
+        if not self.model.strip():
+            raise ValueError("model is empty (the model name the server serves)")
+        if self.params is not None and self.params < 1:
+            raise ValueError(f"params must be >= 1 or null, got {self.params}")
+
+    @property
+    def where(self) -> str:
+        return f"{self.model} at {self.url}"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher a stage decodes with: a model directory, or a served model (``server``)
+    whose tokenizer the directory holds."""
+
+    path: str = "data/models/teacher"  # weights, or (with server) the served model's tokenizer
+    server: TeacherServer | None = None  # None: the weights in path, in-process
+
+    # relaypipe.config.build: a plain string is the old ``teacher: <folder>`` form
+    SCALAR_HINT: ClassVar[str] = (
+        "the teacher is a mapping now: its folder moved to {where}.path "
+        "(write `teacher: {{path: {value}}}`), a served one to {where}.server"
+    )
+
+    @property
+    def remote(self) -> bool:
+        return self.server is not None
+
+    def build(self, tokenizer: Any = None, *, device: str = "auto", dtype: str = "auto") -> Teacher:
+        """The ready teacher (:func:`build_teacher`)."""
+        server = self.server
+        return build_teacher(
+            self.path,
+            tokenizer,
+            url=server.url if server else None,
+            model_name=server.model if server else None,
+            http=server.http if server else None,
+            device=device,
+            dtype=dtype,
+        )
+
+
+# The flat keys every teacher-using stage had, and where they live now (relaypipe.config.build
+# refuses them with this pointer); bootstrap's served teacher is its own ``teacher_server``.
+MOVED_TEACHER_KEYS = {
+    "teacher_url": "teacher.server.url",
+    "teacher_model": "teacher.server.model",
+    "teacher_http": "teacher.server.http",
+    "teacher_params": "teacher.server.params",
+}
 
 
 def validate_teacher_options(url: str | None, model: str | None) -> None:
@@ -109,7 +185,7 @@ def check_same_tokenizer(student_tok: Any, teacher_tok: Any, what: str = "teache
             f"the student's and the {what}'s tokenizers differ ({len(student_tok)} vs "
             f"{len(teacher_tok)} tokens): the relay exchanges token ids, so both models must "
             "share one tokenizer (serve a different-tokenizer teacher at a URL with "
-            "teacher_http.prompt_format: text instead)"
+            "teacher.server.http.prompt_format: text instead)"
         )
 
 
@@ -122,7 +198,7 @@ def write_remote_teacher_dir(
 ) -> None:
     """A teacher directory standing for a served model: the tokenizer the relay speaks to it
     in, and ``remote_teacher.json`` naming the server (for the record; stages still need
-    ``teacher_url``, so that no stage talks to a network it was not told about)."""
+    ``teacher.server``, so that no stage talks to a network it was not told about)."""
     from relaypipe.io import atomic_path, write_json
 
     def fill(folder: Path) -> None:
@@ -191,14 +267,15 @@ def build_teacher(
         return Teacher(backend, tokenizer, None, where, [backend])
 
     if path is None:
-        raise ValueError("no teacher: give a model directory (teacher) or a teacher_url")
+        raise ValueError("no teacher: give a model directory (teacher.path) or a server URL")
     folder = Path(path)
     record = folder / REMOTE_TEACHER_RECORD
     if folder.is_dir() and record.is_file() and not _has_weights(folder):
         served = json.loads(record.read_text())
         raise ValueError(
             f"{path} stands for a served teacher ({served.get('model')} at {served.get('url')}) "
-            "and holds no weights: set teacher_url and teacher_model in this stage's params"
+            "and holds no weights: set teacher.server (url and model) in this stage's params "
+            "(on the command line: --teacher-url and --teacher-model)"
         )
     model, own_tok = load_model(path, device=device, dtype=dtype)
     if tokenizer is not None:

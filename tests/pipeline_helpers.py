@@ -47,6 +47,7 @@ def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
 
 SMALL_PARAMS: dict[str, Any] = {
     "prepare": {
+        "terms": [4],
         "n_train": 300,
         "n_eval": 24,
         "benchmarks": [
@@ -56,15 +57,17 @@ SMALL_PARAMS: dict[str, Any] = {
     },
     "bootstrap": {
         "student": {"hidden_size": 16, "intermediate_size": 32},
-        "teacher": {"hidden_size": 32, "layers": 1, "intermediate_size": 64},
+        # a teacher that solves some 4-term problems (0.25 measured), so the filter keeps a few
+        # and grpo trains: about 4 s
+        "teacher": {"hidden_size": 64, "layers": 2, "intermediate_size": 128},
         "student_train": {"steps": 4, "batch_size": 8},
-        "teacher_train": {"steps": 6, "batch_size": 8},
-        "max_new_tokens": 40,
+        "teacher_train": {"steps": 200, "batch_size": 32},
+        "max_new_tokens": 64,
         "eval_batch_size": 12,
         # models this small learn nothing in a few steps: the checks warn instead of failing
         "allow_degenerate": True,
     },
-    "filter": {"k": 2, "n_problems": 8, "max_new_tokens": 40},
+    "filter": {"k": 2, "n_problems": 8, "max_new_tokens": 64},
     "warmup_data": {
         "n_problems": 8,
         "offset": 8,

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from relaypipe.stages import grpo, sft
+from relaypipe.teacher import TeacherSpec
 from relaypipe.train.launch import LAUNCHED_ENV, launch_command, train_in_processes
 from tests.tiny_stage_inputs import make_inputs
 
@@ -53,7 +54,7 @@ def test_sft_trains_in_two_processes(inputs, monkeypatch):
         threads=1,
         data=paths["warmup"],
         student=paths["student"],
-        teacher=paths["teacher"],
+        teacher=TeacherSpec(paths["teacher"]),
         eval_problems=paths["eval"],
         checkpoint_dir=str(root / "ckpt-sft"),
         out_model=str(root / "warmed"),
@@ -95,7 +96,7 @@ def test_grpo_trains_in_two_processes_with_the_relay_rollouts(inputs, monkeypatc
         problems=paths["kept"],
         eval_problems=paths["eval"],
         student=paths["student"],
-        teacher=paths["teacher"],
+        teacher=TeacherSpec(paths["teacher"]),
         bootstrap_metrics=paths["bootstrap_metrics"],
         checkpoint_dir=str(root / "ckpt-grpo"),
         out_model=str(root / "relay"),
@@ -105,9 +106,16 @@ def test_grpo_trains_in_two_processes_with_the_relay_rollouts(inputs, monkeypatc
     assert any("frac_reward_zero_std" in w for w in metrics["warnings"])
     assert (root / "relay" / "model.safetensors").is_file() and not (root / "ckpt-grpo").exists()
     assert {"relay", "teacher_free", "gap_recovered"} <= set(metrics)
+    # the launched main process wrote relay.json into the staged folder, published with it
+    assert json.loads((root / "relay" / "relay.json").read_text())["bounds"] == {
+        "max_call_tokens": 16,
+        "max_teacher_tokens": None,
+        "max_calls": None,
+        "max_turns": 16,
+    }
     # 2 steps x 1 prompt (4 rollouts) per process x 2 processes = 4 of the 24 prompts
     assert curve(root / "grpo", "epoch").epoch.iloc[-1] == pytest.approx(4 / 24)
-    assert list(curve(root / "grpo", "relay_teacher_share").step) == [1, 2]
+    assert list(curve(root / "grpo", "relay/teacher_share").step) == [1, 2]
 
 
 def test_a_failing_launch_names_the_param_and_exit_code(inputs, monkeypatch):

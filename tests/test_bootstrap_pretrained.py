@@ -17,7 +17,7 @@ from relaypipe.importing import IMPORT_RECORD
 from relaypipe.micro.train_lm import TrainSpec
 from relaypipe.serve import ServerThread
 from relaypipe.stages import bootstrap, prepare
-from relaypipe.teacher import REMOTE_TEACHER_RECORD, HTTPOptions, build_teacher
+from relaypipe.teacher import REMOTE_TEACHER_RECORD, HTTPOptions, TeacherServer, build_teacher
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,9 @@ def test_pretrained_with_a_served_teacher(workdir, tmp_path):
             params(
                 workdir,
                 tmp_path / "remote",
-                teacher_url=srv.url,
-                teacher_model="served",
-                teacher_http=HTTPOptions(timeout_s=30),
+                teacher_server=TeacherServer(
+                    srv.url, "served", HTTPOptions(timeout_s=30), params=123_456
+                ),
             )
         )
         # the teacher directory stands for the server: tokenizer and record, no weights
@@ -110,11 +110,11 @@ def test_pretrained_with_a_served_teacher(workdir, tmp_path):
             "model": "served",
         }
         assert not (teacher_dir / "model.safetensors").exists()
-        with pytest.raises(ValueError, match="teacher_url"):
+        with pytest.raises(ValueError, match=r"set teacher\.server \(url and model\)"):
             build_teacher(str(teacher_dir))
         with build_teacher(str(teacher_dir), url=srv.url, model_name="served") as t:
             assert t.remote
-    assert remote["teacher_params"] is None  # behind the server: not counted
+    assert remote["teacher_params"] == 123_456  # behind the server: as teacher_server.params
     # same weights, greedy: the served teacher scores exactly what the in-process one did
     for key in ("student_accuracy", "teacher_accuracy", "n_eval"):
         assert remote[key] == local[key], key
@@ -130,16 +130,23 @@ def test_pretrained_with_a_served_teacher(workdir, tmp_path):
                 "kind": "pretrained",
                 "student_source": "s",
                 "teacher_source": "t",
-                "teacher_url": "u",
+                "teacher_server": {"url": "u", "model": "m"},
             },
-            "teacher_model",
+            "exactly one of teacher_source and teacher_server",
+        ),
+        (
+            {"kind": "pretrained", "student_source": "s", "teacher_server": {"url": "u"}},
+            r"bootstrap\.teacher_server: missing required key 'model'",
+        ),
+        (
+            {"kind": "pretrained", "student_source": "s", "teacher_url": "u"},
+            r"bootstrap\.teacher_url moved to bootstrap\.teacher_server\.url",
         ),
         (
             {
                 "kind": "pretrained",
                 "student_source": "s",
-                "teacher_url": "http://x",
-                "teacher_model": "m",
+                "teacher_server": {"url": "http://x", "model": "m"},
                 "teacher_train": {"steps": 1},
             },
             "cannot fine-tune a served teacher",
@@ -171,7 +178,8 @@ def test_an_unreachable_served_teacher_fails_before_anything_is_written(workdir,
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         with pytest.raises(TeacherUnavailable, match="cannot list models"):
-            bootstrap.run(params(workdir, tmp_path / "out", teacher_url=url, teacher_model="m"))
+            server = TeacherServer(url, "m")
+            bootstrap.run(params(workdir, tmp_path / "out", teacher_server=server))
     finally:
         sock.close()
     assert not (tmp_path / "out").exists()

@@ -11,11 +11,13 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from relaypipe import cli
+from relaypipe.bounds import RelayBounds
 from relaypipe.config import ConfigError, build
 from relaypipe.micro.tokenizer import build_char_tokenizer
 from relaypipe.micro.train_lm import TrainSpec
 from relaypipe.stages import bootstrap, evaluate, filter, grpo, sft, warmup_data
 from relaypipe.tasks.base import CHAT_INSTRUCTION, format_prompt
+from relaypipe.teacher import TeacherSpec
 from relaypipe.train.warmup import InsertSpec
 from tests.tiny_stage_inputs import QWEN3_STYLE_TEMPLATE, THINK_OFF, make_inputs
 
@@ -60,7 +62,8 @@ def test_every_stage_takes_the_kwargs_and_refuses_them_without_a_template(stage)
     cls, base = BUILDABLE[stage]
     params = build(cls, {**base, "chat_template": True, "chat_template_kwargs": KWARGS}, stage)
     assert params.chat_template_kwargs == KWARGS
-    assert build(cls, base, stage).chat_template_kwargs == {}  # default: none
+    # default: none; evaluate's null takes the relay model's recorded format (relay.json)
+    assert build(cls, base, stage).chat_template_kwargs == (None if stage == "evaluate" else {})
     with pytest.raises(ConfigError, match=rf"{stage}: chat_template_kwargs .* need chat_templ"):
         build(cls, {**base, "chat_template_kwargs": KWARGS}, stage)
 
@@ -121,8 +124,9 @@ def test_every_stage_renders_its_prompts_with_the_kwargs(inputs, monkeypatch):
             n_problems=2,
             max_new_tokens=4,
             problems=paths["train"],
-            teacher=paths["teacher"],
+            teacher=TeacherSpec(paths["teacher"]),
             out_dir=str(root / "filtered"),
+            allow_degenerate=True,  # a random tiny teacher solves nothing
             **common,
         ),
         "warmup_data": warmup_data.WarmupDataParams(
@@ -146,7 +150,7 @@ def test_every_stage_renders_its_prompts_with_the_kwargs(inputs, monkeypatch):
             allow_degenerate=True,
             data=paths["warmup"],
             student=paths["student"],
-            teacher=paths["teacher"],
+            teacher=TeacherSpec(paths["teacher"]),
             eval_problems=paths["eval"],
             checkpoint_dir=str(root / "ckpt-sft"),
             out_model=str(root / "warmed"),
@@ -166,7 +170,7 @@ def test_every_stage_renders_its_prompts_with_the_kwargs(inputs, monkeypatch):
             problems=paths["kept"],
             eval_problems=paths["eval"],
             student=paths["student"],
-            teacher=paths["teacher"],
+            teacher=TeacherSpec(paths["teacher"]),
             bootstrap_metrics=paths["bootstrap_metrics"],
             checkpoint_dir=str(root / "ckpt-grpo"),
             out_model=str(root / "relay"),
@@ -180,8 +184,9 @@ def test_every_stage_renders_its_prompts_with_the_kwargs(inputs, monkeypatch):
             benchmarks_dir=paths["benchmarks"],
             student=paths["student"],
             warmup=paths["student"],
-            relay_model=paths["student"],
-            teacher=paths["teacher"],
+            relay_model=paths["student"],  # no relay.json: the bounds are given
+            bounds=RelayBounds(),
+            teacher=TeacherSpec(paths["teacher"]),
             out_dir=str(root / "eval"),
             **common,
         ),

@@ -100,8 +100,16 @@ def bad(tmp_path_factory) -> dict[str, Path]:
         "schema_violation": params(
             "schema.yaml",
             yaml.safe_dump(
-                {"filter": {"problems": str(root / "violating.parquet"), "teacher": str(root)}}
+                {
+                    "filter": {
+                        "problems": str(root / "violating.parquet"),
+                        "teacher": {"path": str(root)},
+                    }
+                }
             ),
+        ),
+        "moved_key": params(
+            "moved.yaml", yaml.safe_dump({"filter": {"teacher_url": "http://x:8000/v1"}})
         ),
         "missing_input": params(
             "missing_input.yaml",
@@ -119,6 +127,7 @@ CASES = [
     ("missing_params", "prepare", ["absent.yaml", "not found"]),
     ("schema_violation", "filter", ["violating.parquet", "ProblemSchema", "'difficulty'"]),
     ("missing_input", "filter", ["absent_table.parquet"]),
+    ("moved_key", "filter", ["moved.yaml:filter.teacher_url moved to filter.teacher.server.url"]),
 ]
 CASE_IDS = [c[0] for c in CASES]
 

@@ -35,6 +35,8 @@ from relaypipe.schemas import (
     SFTExampleSchema,
 )
 from relaypipe.stages import bootstrap, grpo, prepare, report, sft, warmup_data
+from relaypipe.stages import filter as filter_stage
+from relaypipe.teacher import TeacherSpec
 from relaypipe.train.warmup import InsertSpec
 from tests.test_report import MODELS_JSON, rows
 
@@ -174,6 +176,33 @@ def test_bootstrap_of_a_pair_that_never_answers_fails_and_writes_nothing(workdir
     assert (out / "student" / "config.json").is_file()  # the new pair replaced the old one
 
 
+def test_filter_whose_teacher_solves_nothing_fails_and_writes_nothing(workdir, tmp_path):
+    """The untrained tiny teacher solves none: the filter refuses before grpo sees an empty
+    table; with allow_degenerate the empty table is published with its warning."""
+    out = tmp_path / "filter"
+    before = previous_outputs(out, "kept.parquet", "metrics.json")
+    params = filter_stage.FilterParams(
+        k=2,
+        n_problems=4,
+        max_new_tokens=8,
+        batch_size=8,
+        threads=2,
+        problems=str(workdir / "problems" / "train.parquet"),
+        teacher=TeacherSpec(str(workdir / "teacher")),
+        out_dir=str(out),
+    )
+    with pytest.raises(DegenerateRunError) as err:
+        filter_stage.run(params)
+    message = str(err.value)
+    assert "the teacher solved none of the 4 problems in 2 samples" in message
+    assert "filter.k" in message and "filter.allow_degenerate: true" in message
+    assert snapshot(out) == before
+
+    metrics = filter_stage.run(replace(params, allow_degenerate=True))
+    assert metrics["n_kept"] == 0 and len(metrics["warnings"]) == 1
+    assert read_table(out / "kept.parquet", FilteredProblemSchema).empty
+
+
 # ------------------------------------------------------------------------------ stage warmup_data
 
 
@@ -271,7 +300,7 @@ def test_sft_that_changes_no_weight_fails_before_saving(workdir, tmp_path, token
         threads=2,
         data=str(tmp_path / "sft.parquet"),
         student=str(workdir / "student"),
-        teacher=str(workdir / "teacher"),
+        teacher=TeacherSpec(str(workdir / "teacher")),
         eval_problems=str(workdir / "problems" / "eval.parquet"),
         checkpoint_dir=str(tmp_path / "ckpt"),
         out_model=str(tmp_path / "out" / "warmup"),
@@ -323,7 +352,7 @@ def test_grpo_with_a_constant_reward_fails_then_resumes_with_allow(workdir, tmp_
         problems=str(tmp_path / "kept.parquet"),
         eval_problems=str(workdir / "problems" / "eval.parquet"),
         student=str(workdir / "student"),
-        teacher=str(workdir / "teacher"),
+        teacher=TeacherSpec(str(workdir / "teacher")),
         bootstrap_metrics=str(tmp_path / "bootstrap.json"),
         checkpoint_dir=str(tmp_path / "ckpt"),
         out_model=str(tmp_path / "out" / "relay"),

@@ -9,10 +9,15 @@ import json
 import pandas as pd
 import pytest
 
+from relaypipe.bounds import PromptFormat, RelayBounds, RelayRecord, write_relay_record
 from relaypipe.io import SchemaViolation, read_table, write_table
 from relaypipe.schemas import EvalRequestSchema, ProblemSchema, problems_to_frame
 from relaypipe.stages import evaluate, report
 from relaypipe.tasks.arith import ArithSpec, generate
+from relaypipe.teacher import HTTPOptions, TeacherServer, TeacherSpec
+
+# what grpo would have recorded beside the relay model (relaypipe/bounds.py)
+TRAINED = RelayBounds(max_call_tokens=4, max_teacher_tokens=6, max_calls=2, max_turns=8)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +32,7 @@ def model_dirs(tmp_path_factory, tiny_models, tokenizer):
     ):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
+    write_relay_record(root / "relay", RelayRecord("grpo", PromptFormat(), TRAINED, 10))
     return root
 
 
@@ -48,7 +54,7 @@ def params(tmp_path, model_dirs, **overrides) -> evaluate.EvaluateParams:
         student=str(model_dirs / "student"),
         warmup=str(model_dirs / "warmup"),
         relay_model=str(model_dirs / "relay"),
-        teacher=str(model_dirs / "teacher"),
+        teacher=TeacherSpec(str(model_dirs / "teacher")),
         out_dir=str(tmp_path / "eval"),
         **overrides,
     )
@@ -74,6 +80,13 @@ def test_every_mode_on_every_benchmark_then_report(tmp_path, model_dirs):
     models = json.loads((tmp_path / "eval" / "models.json").read_text())
     assert models["teacher"]["params"] > models["students"]["student"]["params"]
     assert models["modes"]["teacher_free"] == "relay"
+    # bounds: null decoded every mode under the relay model's recorded bounds and prompt
+    decoding = models["decoding"]
+    assert decoding["bounds"] == decoding["trained_bounds"] == TRAINED.relay_kwargs()
+    assert decoding["bounds_from"] == str(model_dirs / "relay" / "relay.json")
+    assert decoding["chat_template"] is False and decoding["prompt_from"].endswith("relay.json")
+    assert (df.teacher_tokens <= TRAINED.max_teacher_tokens).all()
+    assert (df.calls <= TRAINED.max_calls).all()
 
     report.run(
         report.ReportParams(
@@ -129,10 +142,8 @@ def test_evaluate_with_the_teacher_behind_a_url_equals_in_process(tmp_path, mode
     with serve_model_dir(model_dirs / "teacher") as srv:
         served = dataclasses.replace(
             local,
-            teacher="/nonexistent",  # with a URL the teacher's weights are never read
-            teacher_url=srv.url,
-            teacher_model="teacher",
-            teacher_params=123_456,
+            # with a server the teacher's weights are never read
+            teacher=TeacherSpec("/nonexistent", TeacherServer(srv.url, "teacher", params=123_456)),
         )
         evaluate.run(served)
     want = read_table(tmp_path / "local" / "requests.parquet", EvalRequestSchema)
@@ -153,15 +164,18 @@ def test_evaluate_with_the_teacher_behind_a_url_equals_in_process(tmp_path, mode
 @pytest.mark.parametrize(
     ("kw", "words"),
     [
-        ({"teacher_url": "http://127.0.0.1:9"}, "teacher_model"),
-        ({"teacher_model": "t"}, "only used with teacher_url"),
-        ({"teacher_url": "http://127.0.0.1:9", "teacher_model": "t"}, "teacher_params"),
-        ({"teacher_params": 10}, "served teacher"),
+        ({"server": {"url": "http://x"}}, r"teacher\.server: missing required key 'model'"),
+        ({"server": {"model": "t"}}, r"teacher\.server: missing required key 'url'"),
+        ({"server": {"url": "http://127.0.0.1:9", "model": "t"}}, "needs params"),
+        ({"server": {"url": "u", "model": "t", "params": 0}}, r"server: params must be >= 1"),
+        ({"params": 10}, r"evaluate\.teacher: unknown key\(s\) params"),
     ],
 )
 def test_served_teacher_options_are_checked(kw, words):
-    with pytest.raises(ValueError, match=words):
-        evaluate.EvaluateParams(**kw)
+    from relaypipe.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match=words):
+        build(evaluate.EvaluateParams, {"teacher": kw}, "params.yaml:evaluate")
 
 
 def test_evaluate_with_an_unreachable_teacher_fails_before_decoding(tmp_path, model_dirs):
@@ -172,15 +186,10 @@ def test_evaluate_with_an_unreachable_teacher_fails_before_decoding(tmp_path, mo
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    http = evaluate.HTTPOptions(max_retries=0, timeout_s=5)
-    p = params(
-        tmp_path,
-        model_dirs,
-        teacher_url=url,
-        teacher_model="t",
-        teacher_params=9,
-        teacher_http=http,
-    )
+    http = HTTPOptions(max_retries=0, timeout_s=5)
+    server = TeacherServer(url, "t", http, params=9)
+    p = params(tmp_path, model_dirs)
+    p = dataclasses.replace(p, teacher=TeacherSpec(p.teacher.path, server))
     try:
         with pytest.raises(Exception, match=url.split("//")[1]):
             evaluate.run(p)

@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from flows.stages import params_class
+from relaypipe.bounds import RelayBounds
 from relaypipe.config import ConfigError, build
 from relaypipe.importing import import_model
 from relaypipe.io import write_json, write_table
@@ -43,7 +44,7 @@ from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN
 from relaypipe.relay.trace import Source
 from relaypipe.schemas import FilteredProblemSchema, SFTExampleSchema
 from relaypipe.stages import evaluate, filter, grpo, prepare, sft, warmup_data
-from relaypipe.teacher import build_teacher
+from relaypipe.teacher import TeacherSpec, build_teacher
 from relaypipe.train.warmup import InsertSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,8 +202,9 @@ def stage_kwargs(work: Path, tmp: Path) -> dict[str, dict]:
             "n_problems": 4,
             "batch_size": 4,
             "problems": str(problems / "train.parquet"),
-            "teacher": str(work / "teacher"),
+            "teacher": TeacherSpec(str(work / "teacher")),
             "out_dir": str(tmp / "filter"),
+            "allow_degenerate": True,  # a random tiny teacher solves nothing
         },
         "warmup_data": {
             **common,
@@ -226,8 +228,10 @@ def stage_kwargs(work: Path, tmp: Path) -> dict[str, dict]:
             "benchmarks_dir": str(problems / "benchmarks"),
             "student": str(work / "student"),
             "warmup": str(work / "student"),
-            "relay_model": str(work / "student"),
-            "teacher": str(work / "teacher"),
+            "relay_model": str(work / "student"),  # no relay.json: bounds and prompt given
+            "bounds": RelayBounds(),
+            "chat_template": False,
+            "teacher": TeacherSpec(str(work / "teacher")),
             "out_dir": str(tmp / "eval"),
         },
     }
@@ -278,7 +282,7 @@ def test_sft_and_grpo_keep_a_bfloat16_student_bfloat16(qwen_work, tmp_path, capl
         "eval_n": 3,
         "eval_batch_size": 2,
         "allow_degenerate": True,
-        "teacher": str(qwen_work / "teacher"),
+        "teacher": TeacherSpec(str(qwen_work / "teacher")),
         "eval_problems": str(problems / "eval.parquet"),
     }
     sft_params = sft.SFTParams(

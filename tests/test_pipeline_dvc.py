@@ -92,6 +92,20 @@ def test_committed_run_shows_its_metrics_in_exp_show(repo):
     assert params["grpo"]["reward"] == "difficulty_aware"  # params and metrics side by side
 
 
+# docs/orchestration.md's recipe for comparing runs in a terminal
+HEADLINE = (
+    r"^(gap_recovered|cost_reduction_vs_matched_router|"
+    r"modes\.(relay|student|teacher)\.(accuracy|call_ratio))$"
+)
+
+
+def test_headline_recipe_fits_a_terminal(repo):
+    args = ["--only-changed", "--drop", "^(relaypipe|flows|data|presets)/", "--keep", HEADLINE]
+    header = sh("dvc", "exp", "show", "--csv", *args, cwd=repo).stdout.splitlines()[0].split(",")
+    assert "gap_recovered" in header and "modes.relay.accuracy" in header
+    assert len(header) <= 40, header
+
+
 def test_plots_render_offline(repo):
     """dvc plots show: the trade-off image and the training curves, with no script fetched."""
     if not (repo / ".dvc/plots/offline.html").is_file():
@@ -104,11 +118,11 @@ def test_plots_render_offline(repo):
     assert "cdn." not in page and "vega-embed@6.18.2" in page
     assert 'src="static/workspace_data_eval_tradeoff.png"' in page
     assert (repo / "dvc_plots/static/workspace_data_eval_tradeoff.png").is_file()
-    for curve in (
-        "data/sft/live/plots/metrics/loss.tsv",
-        "data/grpo/live/plots/metrics/reward.tsv",
-    ):
-        assert curve in page
+    for stage in ("sft", "grpo"):  # every training curve DVCLive wrote is drawn
+        curves = sorted((repo / f"data/{stage}/live/plots/metrics").rglob("*.tsv"))
+        assert curves, f"{stage} wrote no training curve"
+        for curve in curves:
+            assert str(curve.relative_to(repo)) in page
     assert "dvc_plots/" not in sh("git", "status", "--porcelain", cwd=repo).stdout
 
 

@@ -13,6 +13,7 @@ import pytest
 from relaypipe.config import ConfigError
 from relaypipe.models import load_model, trainer_precision
 from relaypipe.stages import sft
+from relaypipe.teacher import TeacherSpec
 from relaypipe.train.trainer_args import example_lengths
 from tests.tiny_stage_inputs import make_inputs
 
@@ -36,7 +37,7 @@ def params(root, paths, **trainer) -> sft.SFTParams:
         device="cpu",
         data=paths["warmup"],
         student=paths["student"],
-        teacher=paths["teacher"],
+        teacher=TeacherSpec(paths["teacher"]),
         eval_problems=paths["eval"],
         checkpoint_dir=str(root / "ckpt"),
         out_model=str(root / "warm"),

@@ -27,6 +27,7 @@ import pandas as pd
 import pytest
 
 import relaypipe.publish
+from relaypipe.bounds import PromptFormat, RelayBounds, RelayRecord, write_relay_record
 from relaypipe.io import SchemaViolation, write_json
 from relaypipe.micro.models import ModelSize
 from relaypipe.micro.train_lm import TrainSpec
@@ -42,6 +43,7 @@ from relaypipe.stages import (
 )
 from relaypipe.stages import filter as filter_stage
 from relaypipe.stages.inputs import StageInputError
+from relaypipe.teacher import TeacherSpec
 from relaypipe.train.warmup import InsertSpec
 from tests.tiny_stage_inputs import make_inputs
 
@@ -114,8 +116,9 @@ def filter_params(i: dict[str, str], out: Path) -> filter_stage.FilterParams:
         device="cpu",
         threads=1,
         problems=i["train"],
-        teacher=i["teacher"],
+        teacher=TeacherSpec(i["teacher"]),
         out_dir=str(out / "filter"),
+        allow_degenerate=True,  # the tiny teacher solves nothing
     )
 
 
@@ -150,7 +153,7 @@ def sft_params(i: dict[str, str], out: Path) -> sft.SFTParams:
         threads=1,
         data=i["warmup"],
         student=i["student"],
-        teacher=i["teacher"],
+        teacher=TeacherSpec(i["teacher"]),
         eval_problems=i["eval"],
         checkpoint_dir=str(out / "ckpt-sft"),
         out_model=str(out / "models" / "warmup"),
@@ -175,7 +178,7 @@ def grpo_params(i: dict[str, str], out: Path) -> grpo.GRPOParams:
         problems=i["kept"],
         eval_problems=i["eval"],
         student=i["student"],
-        teacher=i["teacher"],
+        teacher=TeacherSpec(i["teacher"]),
         bootstrap_metrics=i["bootstrap_metrics"],
         checkpoint_dir=str(out / "ckpt-grpo"),
         out_model=str(out / "models" / "relay"),
@@ -195,7 +198,7 @@ def evaluate_params(i: dict[str, str], out: Path) -> evaluate.EvaluateParams:
         student=i["student"],
         warmup=i["warmup_model"],
         relay_model=i["relay_model"],
-        teacher=i["teacher"],
+        teacher=TeacherSpec(i["teacher"]),
         out_dir=str(out / "eval"),
     )
 
@@ -237,6 +240,8 @@ def good(tmp_path_factory) -> tuple[dict[str, str], Path]:
     for name in ("warmup", "relay"):  # the later students: the student's copy will do
         shutil.copytree(i["student"], models / name)
     i["warmup_model"], i["relay_model"] = str(models / "warmup"), str(models / "relay")
+    # what grpo records beside its model: evaluate's bounds: null decodes under it
+    write_relay_record(models / "relay", RelayRecord("grpo", PromptFormat(), RelayBounds(), 6))
     qa = root / "in" / "qa.jsonl"
     qa.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
     i["qa_source"] = str(qa)

@@ -103,7 +103,7 @@ def test_url_teacher_reads_its_tokenizer_from_a_remote_teacher_dir(model_dirs, s
 def test_remote_teacher_dir_without_weights_says_to_set_the_url(model_dirs, server, tmp_path):
     _, tok = load_model(str(model_dirs / "teacher"), device="cpu")
     write_remote_teacher_dir(tmp_path / "teacher", tok, server.url, "qwen-8b")
-    with pytest.raises(ValueError, match=r"qwen-8b at http://127\.0\.0\.1.*teacher_url"):
+    with pytest.raises(ValueError, match=r"qwen-8b at http://127\.0\.0\.1.*teacher\.server"):
         build_teacher(str(tmp_path / "teacher"))
 
 
@@ -193,7 +193,7 @@ def test_cli_decode_uses_the_same_factory(model_dirs, server, tmp_path, capsys):
     # a directory standing for a served teacher is refused with a pointer to the URL options
     _, tok = load_model(str(model_dirs / "teacher"), device="cpu")
     write_remote_teacher_dir(tmp_path / "t", tok, server.url, "teacher")
-    with pytest.raises(SystemExit, match="teacher_url"):
+    with pytest.raises(SystemExit, match="--teacher-url and --teacher-model"):
         main([*common, "--teacher", str(tmp_path / "t")])
     with pytest.raises(SystemExit, match="only used with --teacher-url"):
         main([*common, "--teacher", str(model_dirs / "teacher"), "--teacher-model", "x"])

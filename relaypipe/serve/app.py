@@ -17,7 +17,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -52,10 +53,19 @@ log = logging.getLogger(__name__)
 class _Api:
     """Request handling: auth, size limits, validation, and the hop to the worker thread."""
 
-    def __init__(self, engine: Engine, api_key: str | None, limits: ServeLimits):
+    def __init__(
+        self,
+        engine: Engine,
+        api_key: str | None,
+        limits: ServeLimits,
+        frame_prompt: Callable[[str], str] | None = None,
+        card: dict[str, Any] | None = None,
+    ):
         self.engine = engine
         self.api_key = api_key
         self.limits = limits
+        self.frame_prompt = frame_prompt  # a string prompt -> the text the model reads
+        self.card = card
         self.worker = MicroBatcher(engine, limits)
         self.created = int(time.time())
         self.vocab_size = len(engine.tokenizer)
@@ -106,7 +116,8 @@ class _Api:
             where = "'prompt'" if len(items) == 1 else f"'prompt[{k}]'"
             if isinstance(item, str):
                 try:
-                    ids = list(self.engine.tokenizer(item, add_special_tokens=False).input_ids)
+                    text = self.frame_prompt(item) if self.frame_prompt else item
+                    ids = list(self.engine.tokenizer(text, add_special_tokens=False).input_ids)
                 except Exception as err:  # the tokenizer's trouble with the client's text
                     raise ApiError(
                         400, f"{where} could not be tokenized: {type(err).__name__}", "prompt"
@@ -195,18 +206,31 @@ class _Api:
 
     async def models(self, request: Request) -> JSONResponse:
         self.check_auth(request)
-        card = ModelCard(id=self.engine.name, created=self.created)
-        return AsciiJSONResponse(ModelList(data=[card]).model_dump())
+        card = ModelCard(id=self.engine.name, created=self.created, relay=self.card)
+        data = ModelList(data=[card]).model_dump()
+        for item in data["data"]:
+            if item["relay"] is None:
+                del item["relay"]
+        return AsciiJSONResponse(data)
 
     async def health(self, request: Request) -> JSONResponse:
         return AsciiJSONResponse({"status": "ok", "model": self.engine.name})
 
 
 def make_app(
-    engine: Engine, *, api_key: str | None = None, limits: ServeLimits | None = None
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    limits: ServeLimits | None = None,
+    frame_prompt: Callable[[str], str] | None = None,
+    card: dict[str, Any] | None = None,
 ) -> Starlette:
-    """The ASGI app serving ``engine``: ``/v1/completions``, ``/v1/models`` and ``/health``."""
-    api = _Api(engine, api_key, limits or ServeLimits())
+    """The ASGI app serving ``engine``: ``/v1/completions``, ``/v1/models`` and ``/health``.
+
+    ``frame_prompt``: turns each string prompt into the text the model reads (``relaypipe
+    serve`` frames questions as a relay student was trained; token-id prompts never are);
+    ``card``: a ``relay`` field for the ``/v1/models`` card (the caps and prompt format)."""
+    api = _Api(engine, api_key, limits or ServeLimits(), frame_prompt, card)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

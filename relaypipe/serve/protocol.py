@@ -498,6 +498,9 @@ class ModelCard(_Out):
     object: str = "model"
     created: int
     owned_by: str = "relaypipe"
+    # relay mode: the caps and prompt format the server decodes under, and where they came
+    # from (the student's relay.json or the flags); left out of the JSON in model mode
+    relay: dict[str, Any] | None = None
 
 
 class ModelList(_Out):

@@ -17,9 +17,10 @@ Two kinds (``kind``):
   see relaypipe/importing.py), with the call tokens added. ``student_train``/``teacher_train``
   are then optional: a short fine-tune on the task's worked solutions (e.g. to make a same-size
   teacher an expert on the task when no larger model is at hand). Instead of
-  ``teacher_source``, ``teacher_url``/``teacher_model`` name a served teacher (vLLM): its
-  directory then holds only the tokenizer and ``remote_teacher.json``, and its accuracy is
-  measured through the server.
+  ``teacher_source``, ``teacher_server: {url, model, http, params}`` names a served teacher
+  (vLLM; the same :class:`~relaypipe.teacher.TeacherServer` the later stages' ``teacher.server``
+  is): its directory then holds only the tokenizer and ``remote_teacher.json``, its accuracy is
+  measured through the server, and ``teacher_params`` in bootstrap.json is ``params``.
 
 The measurement is the same for both kinds, with the prompt every later stage uses
 (``chat_template``: the tokenizer's chat form, for instruct models). A pair that cannot be
@@ -40,7 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -54,7 +55,7 @@ from relaypipe.schemas import ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.stages.inputs import check_model_dir, check_table
 from relaypipe.tasks.base import Problem, check_prompt_options
-from relaypipe.teacher import HTTPOptions, Teacher, validate_teacher_options
+from relaypipe.teacher import Teacher, TeacherServer
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,7 @@ class BootstrapParams:
     student_source: str | None = None
     teacher_source: str | None = None
     # pretrained: a served teacher instead of teacher_source (relaypipe/teacher.py)
-    teacher_url: str | None = None
-    teacher_model: str | None = None
-    teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
+    teacher_server: TeacherServer | None = None
     dtype: str = "float32"  # pretrained: weights are loaded, fine-tuned and saved in this dtype
     cache_dir: str | None = None  # where "smollm2" is cached (None: ~/.cache/relaypipe)
     device: str = "auto"  # pretrained: fine-tune and measure here (micro trains on the CPU)
@@ -94,11 +93,17 @@ class BootstrapParams:
     problems_dir: str = "data/problems"
     out_dir: str = "data/models"
 
+    # the flat keys of a served teacher, now one section (the later stages': teacher.server)
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "teacher_url": "teacher_server.url",
+        "teacher_model": "teacher_server.model",
+        "teacher_http": "teacher_server.http",
+    }
+
     def __post_init__(self) -> None:
         check_prompt_options(self.chat_template, self.chat_template_kwargs)
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        validate_teacher_options(self.teacher_url, self.teacher_model)
         if self.kind == "micro":
             missing = [
                 name
@@ -110,7 +115,7 @@ class BootstrapParams:
             # Refuse rather than ignore: a pretrained key under kind micro is a mistake.
             stray = [
                 name
-                for name in ("student_source", "teacher_source", "teacher_url")
+                for name in ("student_source", "teacher_source", "teacher_server")
                 if getattr(self, name) is not None
             ]
             if stray:
@@ -118,13 +123,15 @@ class BootstrapParams:
             return
         if not self.student_source:
             raise ValueError("kind pretrained needs student_source")
-        if bool(self.teacher_source) == bool(self.teacher_url):
-            raise ValueError("kind pretrained needs exactly one of teacher_source and teacher_url")
+        if bool(self.teacher_source) == (self.teacher_server is not None):
+            raise ValueError(
+                "kind pretrained needs exactly one of teacher_source and teacher_server"
+            )
         stray = [name for name in ("student", "teacher") if getattr(self, name) is not None]
         if stray:
             raise ValueError(f"{', '.join(stray)} (model sizes) belong(s) to kind micro")
-        if self.teacher_url and self.teacher_train is not None:
-            raise ValueError("teacher_train cannot fine-tune a served teacher (teacher_url)")
+        if self.teacher_server is not None and self.teacher_train is not None:
+            raise ValueError("teacher_train cannot fine-tune a served teacher (teacher_server)")
 
 
 def _measure(
@@ -217,24 +224,20 @@ def run_pretrained(
     metrics["student_params"] = s_info.parameters
     metrics["student_import_seconds"] = s_info.load_seconds
     served = None
-    if params.teacher_url:
+    server = params.teacher_server
+    if server is not None:
         # Reach the server before any fine-tuning or writing: a wrong URL fails in seconds.
-        served = build_teacher(
-            None,
-            tok,
-            url=params.teacher_url,
-            model_name=params.teacher_model,
-            http=params.teacher_http,
-        )
+        served = build_teacher(None, tok, url=server.url, model_name=server.model, http=server.http)
     try:
         student.to(device)
         if params.student_train is not None:
             metrics |= _fine_tune("student", student, tok, train, params.student_train, params)
         save_import(student, tok, s_info, out / "student")
         if served is not None:
-            assert params.teacher_url and params.teacher_model
-            write_remote_teacher_dir(out / "teacher", tok, params.teacher_url, params.teacher_model)
-            metrics["teacher_params"] = None  # behind the server; not ours to count
+            assert server is not None
+            write_remote_teacher_dir(out / "teacher", tok, server.url, server.model)
+            # behind the server, not ours to count: as teacher_server.params says, if it does
+            metrics["teacher_params"] = server.params
             teacher = served
         else:
             teacher = _local_teacher(params, student, tok, s_info, train, device, metrics, **kw)

@@ -10,18 +10,24 @@ and ``data/eval/models.json`` (which model each mode used and its parameter coun
 
 Modes (relaypipe/evaluate/suite.py): student, warmup, relay, teacher_free, teacher, and
 random_router at each p of ``router_p``. Greedy by default (``temperature: 0``), like the
-paper's reported numbers. The relay bounds (``relay:``) should equal ``grpo.relay``, the ones
-the student was trained under; they are repeated here because a stage reads only its own
-params section. Departures from the paper: benchmarks are the micro task's difficulty levels
+paper's reported numbers.
+
+Bounds and prompt format: every mode decodes under ``bounds`` (relaypipe/bounds.py) and frames
+questions with ``chat_template``/``chat_template_kwargs``. ``bounds: null`` (the default) means
+the ones the relay model was trained under, read from ``relay_model``/relay.json (grpo writes
+it); ``chat_template: null`` likewise takes its prompt format. A relay model without relay.json
+(made before the file existed, or by hand) then fails before any decoding: set the params, or
+re-run grpo. Explicit values override the record (a difference from it is logged); models.json
+says which bounds and prompt format were used and where they came from (``decoding``).
+Departures from the paper: benchmarks are the micro task's difficulty levels
 (plus any dataset from ``prepare.benchmarks``), and the cost is measured in full (see
 relaypipe/evaluate/cost.py), not only as the teacher's token share.
 
-The teacher is a model directory (in-process) or, with ``teacher_url``/``teacher_model``, a
-served model (vLLM, ``relaypipe serve``; see relaypipe/teacher.py): the teacher-alone, relay and
-random-router modes then send every teacher turn to that server. A served teacher's parameter
-count cannot be read from its weights, so ``teacher_params`` must give it (the report's FLOPs
-and cost need it). ``chat_template`` frames prompts with the students' chat template, exactly as
-the training stages did.
+The teacher (``teacher: {path, server}``) is a model directory (in-process) or, with
+``teacher.server``, a served model (vLLM, ``relaypipe serve``; see relaypipe/teacher.py): the
+teacher-alone, relay and random-router modes then send every teacher turn to that server. A
+served teacher's parameter count cannot be read from its weights, so ``teacher.server.params``
+must give it (the report's FLOPs and cost need it).
 
 Every input is checked before any model is loaded (relaypipe/stages/inputs.py): an empty
 benchmark table is refused. requests.parquet and models.json are published together.
@@ -32,10 +38,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from relaypipe.bounds import (
+    MOVED_BOUNDS,
+    RELAY_RECORD,
+    PromptFormat,
+    RelayBounds,
+    RelayRecord,
+    read_relay_record,
+)
 from relaypipe.evaluate.suite import evaluate_benchmarks, plan_runs
 from relaypipe.micro.models import count_parameters
 from relaypipe.models import check_dtype, load_model
@@ -44,21 +58,11 @@ from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import EVAL_MODES, EvalRequestSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
-from relaypipe.stages.inputs import MissingInputError, check_model_dir, check_table
+from relaypipe.stages.inputs import MissingInputError, StageInputError, check_model_dir, check_table
 from relaypipe.tasks.base import Problem, check_prompt_options
-from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
+from relaypipe.teacher import MOVED_TEACHER_KEYS, TeacherSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalRelayBounds:
-    """Relay bounds at evaluation: keep equal to ``grpo.relay``."""
-
-    max_call_tokens: int = 8
-    max_teacher_tokens: int | None = None
-    max_calls: int | None = None
-    max_turns: int = 16
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ class EvaluateParams:
     limit: int | None = None  # the first N problems of each benchmark (None: all)
     temperature: float = 0.0  # 0: greedy, for student and teacher alike
     max_new_tokens: int = 96  # enough for the longest worked solution of every benchmark
-    relay: EvalRelayBounds = field(default_factory=EvalRelayBounds)
+    # every mode's bounds; None: those the relay model was trained under (its relay.json)
+    bounds: RelayBounds | None = None
     batch_size: int = 100
     seed: int = 0
     device: str = "auto"
@@ -79,18 +84,26 @@ class EvaluateParams:
     student: str = "data/models/student"
     warmup: str = "data/models/warmup"
     relay_model: str = "data/models/relay"
-    teacher: str = "data/models/teacher"  # weights (unused with teacher_url)
-    teacher_url: str | None = None  # an OpenAI-compatible server instead of in-process weights
-    teacher_model: str | None = None  # the model name served at teacher_url
-    teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
-    teacher_params: int | None = None  # the served teacher's parameter count (with teacher_url)
-    chat_template: bool = False  # frame prompts with the tokenizer's chat template
-    # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # weights in teacher.path, or a served model (teacher.server, with its params count)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    # frame prompts with the tokenizer's chat template; None: as the relay model was trained
+    chat_template: bool | None = None
+    # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking
+    # mode; None: {} with an explicit chat_template, else the relay model's
+    chat_template_kwargs: dict[str, Any] | None = None
     out_dir: str = "data/eval"
 
+    MOVED_KEYS: ClassVar[dict[str, str]] = {**MOVED_TEACHER_KEYS, **MOVED_BOUNDS}
+
     def __post_init__(self) -> None:
-        check_prompt_options(self.chat_template, self.chat_template_kwargs)
+        if self.chat_template is None and self.chat_template_kwargs is not None:
+            raise ValueError(
+                f"chat_template_kwargs {dict(self.chat_template_kwargs)} need chat_template: "
+                "true (chat_template: null takes the relay model's prompt format, kwargs "
+                "included)"
+            )
+        if self.chat_template is not None:
+            check_prompt_options(self.chat_template, self.chat_template_kwargs or {})
         plan_runs(self.modes, self.router_p)  # unknown modes fail here, naming the key
         if not self.modes:
             raise ValueError("modes is empty")
@@ -100,17 +113,102 @@ class EvaluateParams:
             raise ValueError(f"router_p values must be in [0, 1], got {self.router_p}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
-        validate_teacher_options(self.teacher_url, self.teacher_model)
         check_dtype(self.dtype)
-        if self.teacher_url and not self.teacher_params:
+        server = self.teacher.server
+        if server is not None and not server.params:
             raise ValueError(
-                "teacher_url needs teacher_params (the served model's parameter count): the "
+                "teacher.server needs params (the served model's parameter count): the "
                 "report's FLOPs and cost cannot read it from weights behind a server"
             )
-        if self.teacher_params is not None and not self.teacher_url:
-            raise ValueError("teacher_params is only for a served teacher (teacher_url)")
-        if self.teacher_params is not None and self.teacher_params < 1:
-            raise ValueError(f"teacher_params must be >= 1, got {self.teacher_params}")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The bounds and prompt format every mode decodes under, and where each came from."""
+
+    bounds: RelayBounds
+    prompt: PromptFormat
+    bounds_from: str  # "evaluate.bounds" or the relay model's relay.json
+    prompt_from: str  # "evaluate.chat_template" or the relay model's relay.json
+    trained: RelayRecord | None  # the relay model's record, when it has one
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bounds": self.bounds.relay_kwargs(),
+            "bounds_from": self.bounds_from,
+            "chat_template": self.prompt.chat_template,
+            "chat_template_kwargs": dict(self.prompt.chat_template_kwargs),
+            "prompt_from": self.prompt_from,
+            "trained_bounds": (
+                self.trained.bounds.relay_kwargs()
+                if self.trained is not None and self.trained.bounds is not None
+                else None
+            ),
+        }
+
+
+def resolve_decoding(params: EvaluateParams) -> Decoding:
+    """The bounds and prompt format: the params', or (null) the relay model's record. Fails,
+    before any model is loaded, when a null one has no record to come from."""
+    folder = Path(params.relay_model)
+    record = read_relay_record(folder)
+    path = str(folder / RELAY_RECORD)
+    missing = []
+    if params.bounds is None and (record is None or record.bounds is None):
+        missing.append("evaluate.bounds")
+    if params.chat_template is None and record is None:
+        missing.append("evaluate.chat_template")
+    if missing:
+        why = (
+            "it has no relay bounds (it was not trained by grpo)"
+            if record is not None
+            else "there is no such file (a relay model made before grpo wrote it, or not by grpo)"
+        )
+        raise StageInputError(
+            f"{' and '.join(missing)} null: decode as the relay model was trained, by {path} "
+            f"(evaluate.relay_model); but {why}. Re-run the grpo stage, or set "
+            f"{' and '.join(missing)} (e.g. evaluate.bounds equal to grpo.bounds)"
+        )
+    if params.bounds is not None:
+        bounds, bounds_from = params.bounds, "evaluate.bounds"
+        trained = record.bounds if record is not None else None
+        if trained is not None and trained != bounds:
+            log.warning(
+                "evaluate: decoding under evaluate.bounds (%s), not those %s was trained under "
+                "(%s, %s)",
+                bounds.describe(),
+                params.relay_model,
+                trained.describe(),
+                path,
+            )
+    else:
+        assert record is not None and record.bounds is not None
+        bounds, bounds_from = record.bounds, path
+    if params.chat_template is not None:
+        prompt = PromptFormat(
+            chat_template=params.chat_template,
+            chat_template_kwargs=params.chat_template_kwargs or {},
+        )
+        prompt_from = "evaluate.chat_template"
+        if record is not None and record.prompt.format_kwargs() != prompt.format_kwargs():
+            log.warning(
+                "evaluate: framing prompts as %s (evaluate.chat_template), not as %s was trained "
+                "(%s, %s)",
+                prompt.describe(),
+                params.relay_model,
+                record.prompt.describe(),
+                path,
+            )
+    else:
+        assert record is not None
+        prompt, prompt_from = PromptFormat(**record.prompt.format_kwargs()), path
+    log.info(
+        "evaluate: bounds %s (from %s); prompts %s",
+        bounds.describe(),
+        bounds_from,
+        prompt.describe(),
+    )
+    return Decoding(bounds, prompt, bounds_from, prompt_from, record)
 
 
 def load_benchmarks(params: EvaluateParams) -> dict[str, list[Problem]]:
@@ -151,23 +249,26 @@ STUDENT_MAKERS = {
 }
 
 
-def read_inputs(params: EvaluateParams) -> dict[str, list[Problem]]:
+def read_inputs(params: EvaluateParams) -> tuple[dict[str, list[Problem]], Decoding]:
     """Every input, checked before any model is loaded: the benchmark tables (returned), the
-    students the modes use and, in-process, the teacher."""
+    students the modes use, in-process the teacher, and the bounds and prompt format (returned;
+    from the relay model's relay.json where the params are null)."""
     benchmarks = load_benchmarks(params)
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     for role in sorted({r.student_role for r in plan_runs(params.modes, params.router_p)}):
         param, made_by = STUDENT_MAKERS[role]
         check_model_dir(paths[role], param=param, made_by=made_by)
-    if not params.teacher_url:
-        check_model_dir(params.teacher, param="evaluate.teacher", made_by="the bootstrap stage")
-    return benchmarks
+    if not params.teacher.remote:
+        check_model_dir(
+            params.teacher.path, param="evaluate.teacher.path", made_by="the bootstrap stage"
+        )
+    return benchmarks, resolve_decoding(params)
 
 
 def run(params: EvaluateParams) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
-    benchmarks = read_inputs(params)
+    benchmarks, decoding = read_inputs(params)
     runs = plan_runs(params.modes, params.router_p)
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     roles = sorted({r.student_role for r in runs})
@@ -180,28 +281,16 @@ def run(params: EvaluateParams) -> dict:
         students[role] = {"path": paths[role], "params": count_parameters(student_models[role])}
     # The students share one tokenizer (each stage starts from the previous one's): the
     # teacher must speak it (checked in-process; over HTTP it frames the ids it sends).
-    teacher = build_teacher(
-        params.teacher,
-        tok,
-        url=params.teacher_url,
-        model_name=params.teacher_model,
-        http=params.teacher_http,
-        device=params.device,
-        dtype=params.dtype,
-    )
+    teacher = params.teacher.build(tok, device=params.device, dtype=params.dtype)
     decoders = {
         role: RelayDecoder(TransformersBackend(m.eval(), name=role), teacher.backend, tok)
         for role, m in student_models.items()
     }
 
     sampling = Sampling(temperature=params.temperature)
-    b = params.relay
     config = RelayConfig(
         max_new_tokens=params.max_new_tokens,
-        max_turns=b.max_turns,
-        max_call_tokens=b.max_call_tokens,
-        max_teacher_tokens=b.max_teacher_tokens,
-        max_calls=b.max_calls,
+        **decoding.bounds.relay_kwargs(),
         student_sampling=sampling,
         teacher_sampling=sampling,
         seed=params.seed,
@@ -213,18 +302,22 @@ def run(params: EvaluateParams) -> dict:
             decoders,
             config,
             params.batch_size,
-            chat_template=params.chat_template,
-            chat_template_kwargs=params.chat_template_kwargs,
+            **decoding.prompt.format_kwargs(),
         )
 
     out = Path(params.out_dir)
     models = {
         "teacher": {
             "path": teacher.where,
-            "params": params.teacher_params if teacher.remote else count_parameters(teacher.model),
+            "params": (
+                params.teacher.server.params
+                if params.teacher.server is not None
+                else count_parameters(teacher.model)
+            ),
         },
         "students": students,
         "modes": {r.mode: r.student_role for r in runs},
+        "decoding": decoding.to_json(),  # the bounds and prompt format, and where from
     }
     # Both land together; the table is validated first: if it breaks its contract, nothing
     # (not even models.json) is written.

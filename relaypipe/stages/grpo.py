@@ -13,9 +13,13 @@ process holding whole prompt groups. Checkpoints every
 ``save_steps`` in ``data/checkpoints/grpo``; a re-run resumes from the last one.
 Writes ``data/models/relay/``, ``data/grpo/metrics.json`` (relay and teacher-free accuracy and
 call ratio on eval problems, gap recovered) and DVCLive curves in ``data/grpo/live``.
-The teacher is a model directory or, with ``teacher_url``/``teacher_model``, a served model
-(relaypipe/teacher.py: the paper's Qwen3-8B behind vLLM). ``chat_template`` (and
-``chat_template_kwargs``) frame the rollout and check prompts; keep them equal to warmup_data's.
+The teacher (``teacher: {path, server}``) is a model directory or, with ``teacher.server``, a
+served model (relaypipe/teacher.py: the paper's Qwen3-8B behind vLLM). ``bounds`` (relaypipe/
+bounds.py) bound every rollout and the check. ``chat_template`` (and ``chat_template_kwargs``)
+frame the rollout and check prompts; keep them equal to warmup_data's.
+The model folder carries ``relay.json`` (relaypipe/bounds.py): the bounds, the prompt format and
+``max_new_tokens`` it was trained with, which ``relaypipe decode/serve/bench`` and the evaluate
+stage (``bounds: null``) decode it under by default.
 A run in which no group's rewards ever differed (trl's ``frac_reward_zero_std`` = 1 at every
 logged step: zero advantages) or that left every weight as it was fails before the model is
 saved (relaypipe/checks.py; ``allow_degenerate: true`` keeps it, with ``warnings`` in
@@ -34,11 +38,19 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from datasets import Dataset
 
+from relaypipe.bounds import (
+    MOVED_BOUNDS,
+    PromptFormat,
+    RelayBounds,
+    RelayRecord,
+    read_relay_record,
+    write_relay_record,
+)
 from relaypipe.checks import enforce, reward_findings, unchanged_findings, weights_digest
 from relaypipe.config import ConfigError
 from relaypipe.evaluate.run import decode_problems, summarize
@@ -57,7 +69,7 @@ from relaypipe.stages.inputs import (
     check_table,
 )
 from relaypipe.tasks.base import Problem, check_prompt_options, format_prompt
-from relaypipe.teacher import HTTPOptions, Teacher, build_teacher, validate_teacher_options
+from relaypipe.teacher import MOVED_TEACHER_KEYS, Teacher, TeacherSpec
 from relaypipe.train.checkpoints import LiveCallback, file_digest, training_live
 from relaypipe.train.launch import (
     check_num_processes,
@@ -75,19 +87,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RelayBounds:
-    max_call_tokens: int = 16
-    max_teacher_tokens: int | None = None  # per-request budget, enforced at decode time
-    max_calls: int | None = None
-    max_turns: int = 16
-
-
-@dataclass(frozen=True)
 class GRPOParams:
     trainer: dict[str, Any] = field(default_factory=dict)  # trl GRPOConfig fields, passed through
     # > 1: train in that many processes under `accelerate launch` (one per GPU)
     num_processes: int = 1
-    relay: RelayBounds = field(default_factory=RelayBounds)
+    bounds: RelayBounds = field(default_factory=RelayBounds)  # of every rollout and the check
     reward: str = "difficulty_aware"  # difficulty_aware | accuracy | cost_penalised
     cost_weight: float = 0.5  # cost_penalised: weight of the call ratio
     budget_penalty: float = 1.0  # cost_penalised: penalty when a budget refused a call
@@ -106,10 +110,8 @@ class GRPOParams:
     problems: str = "data/filter/kept.parquet"
     eval_problems: str = "data/problems/eval.parquet"
     student: str = "data/models/warmup"
-    teacher: str = "data/models/teacher"  # weights, or (with teacher_url) its tokenizer
-    teacher_url: str | None = None  # an OpenAI-compatible server instead of in-process weights
-    teacher_model: str | None = None  # the model name served at teacher_url
-    teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
+    # weights in teacher.path, or a served model (teacher.server; path: its tokenizer)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
     chat_template: bool = False  # rollout/check prompts; keep equal to warmup_data's
     # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -118,9 +120,10 @@ class GRPOParams:
     out_model: str = "data/models/relay"
     out_dir: str = "data/grpo"
 
+    MOVED_KEYS: ClassVar[dict[str, str]] = {**MOVED_TEACHER_KEYS, **MOVED_BOUNDS}
+
     def __post_init__(self) -> None:
         check_prompt_options(self.chat_template, self.chat_template_kwargs)
-        validate_teacher_options(self.teacher_url, self.teacher_model)
         check_dtype(self.dtype)
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
@@ -185,28 +188,39 @@ def build_grpo_config(
 def load_teacher(params: GRPOParams, tokenizer: Any, device: str | None = None) -> Teacher:
     """The teacher the params name: in-process weights (on ``device``, default the stage's)
     or a served model."""
-    return build_teacher(
-        params.teacher,
-        tokenizer,
-        url=params.teacher_url,
-        model_name=params.teacher_model,
-        http=params.teacher_http,
-        device=device or params.device,
-        dtype=params.dtype,
-    )
+    return params.teacher.build(tokenizer, device=device or params.device, dtype=params.dtype)
 
 
 def relay_config(params: GRPOParams, mode: str = "relay") -> RelayConfig:
-    b = params.relay
     return RelayConfig(
         mode=mode,
         max_new_tokens=params.max_new_tokens,
-        max_turns=b.max_turns,
-        max_call_tokens=b.max_call_tokens,
-        max_teacher_tokens=b.max_teacher_tokens,
-        max_calls=b.max_calls,
         student_sampling=Sampling(temperature=params.eval_temperature),
+        **params.bounds.relay_kwargs(),
     )
+
+
+def prompt_format(params: GRPOParams) -> PromptFormat:
+    return PromptFormat(
+        chat_template=params.chat_template, chat_template_kwargs=params.chat_template_kwargs
+    )
+
+
+def relay_record(params: GRPOParams) -> RelayRecord:
+    """What the trained model's ``relay.json`` says (relaypipe/bounds.py)."""
+    return RelayRecord(
+        stage="grpo",
+        prompt=prompt_format(params),
+        bounds=params.bounds,
+        max_new_tokens=params.max_new_tokens,
+    )
+
+
+def save_model(params: GRPOParams, model: Any, tok: Any, folder: str | Path) -> None:
+    """The weights, the tokenizer and ``relay.json``, into ``folder`` (a staged one)."""
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_relay_record(folder, relay_record(params))
 
 
 def train_grpo(params: GRPOParams, save_to: Path | None = None) -> list[str]:
@@ -229,7 +243,7 @@ def train_grpo(params: GRPOParams, save_to: Path | None = None) -> list[str]:
         "params": {k: v for k, v in asdict(params).items() if k != "allow_degenerate"},
         "problems": file_digest(params.problems),
         "student": file_digest(params.student),
-        "teacher": file_digest(params.teacher),
+        "teacher": file_digest(params.teacher.path),
     }
     args = build_grpo_config(
         params, device.type, precision=trainer_precision(model, params.trainer, "grpo")
@@ -276,8 +290,6 @@ def train_grpo(params: GRPOParams, save_to: Path | None = None) -> list[str]:
         trainer.train(resume_from_checkpoint=resume)
     finally:
         teacher.close()
-    if live is not None:
-        live.end()
     curves = Path(params.out_dir) / "live"
     findings = reward_findings(trainer.state.log_history, where=str(curves))
     findings += unchanged_findings(
@@ -292,12 +304,10 @@ def train_grpo(params: GRPOParams, save_to: Path | None = None) -> list[str]:
     if main:
         save_to = save_to or (staged_by_launcher() if launched() else None)
         if save_to is not None:  # published by run(), which then removes the checkpoints
-            trainer.model.save_pretrained(save_to)
-            tok.save_pretrained(save_to)
+            save_model(params, trainer.model, tok, save_to)
         else:
             with atomic_path(params.out_model, directory=True) as tmp:
-                trainer.model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
+                save_model(params, trainer.model, tok, tmp)
             shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
     return warnings
 
@@ -319,15 +329,27 @@ def read_inputs(params: GRPOParams) -> tuple[list[Problem], dict[str, Any]]:
         ),
     )
     check_model_dir(params.student, param="grpo.student", made_by="the sft stage")
-    if params.teacher_url:
+    warmed = read_relay_record(params.student)
+    ours = prompt_format(params)
+    if warmed is not None and warmed.prompt.format_kwargs() != ours.format_kwargs():
+        log.warning(
+            "grpo: %s was warmed up with prompts framed as %s, but grpo.chat_template and "
+            "grpo.chat_template_kwargs frame them as %s: keep them equal to warmup_data's",
+            params.student,
+            warmed.prompt.describe(),
+            ours.describe(),
+        )
+    if params.teacher.remote:
         # only read for the checkpoint fingerprint (the server holds the weights)
-        if not Path(params.teacher).exists():
+        if not Path(params.teacher.path).exists():
             raise MissingInputError(
-                f"{params.teacher} (grpo.teacher): not found; it is written by the bootstrap "
-                "stage (with teacher_url: the served teacher's tokenizer folder)"
+                f"{params.teacher.path} (grpo.teacher.path): not found; it is written by the "
+                "bootstrap stage (with teacher.server: the served teacher's tokenizer folder)"
             )
     else:
-        check_model_dir(params.teacher, param="grpo.teacher", made_by="the bootstrap stage")
+        check_model_dir(
+            params.teacher.path, param="grpo.teacher.path", made_by="the bootstrap stage"
+        )
     frame = check_table(
         params.eval_problems,
         ProblemSchema,

@@ -105,7 +105,7 @@ def check_model_dir(
     made_by: str,
     weights: bool = True,
     tokenizer: bool = True,
-    served: str = "set teacher_url and teacher_model in this stage's params",
+    served: str = "set teacher.server (url and model) in this stage's params",
     fix: str | None = None,
 ) -> None:
     """Check a saved model folder: it exists, its ``config.json`` parses, its weights are whole

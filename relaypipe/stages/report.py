@@ -42,9 +42,10 @@ from relaypipe.stages.inputs import StageInputError, check_json, check_table
 
 log = logging.getLogger(__name__)
 
-# Where bootstrap, warmup_data, sft and grpo record their metrics (and warnings).
+# Where bootstrap, filter, warmup_data, sft and grpo record their metrics (and warnings).
 STAGE_METRICS = (
     "data/models/bootstrap.json",
+    "data/filter/metrics.json",
     "data/warmup/metrics.json",
     "data/sft/metrics.json",
     "data/grpo/metrics.json",
@@ -94,7 +95,9 @@ def _stage_of(path: str) -> str:
     p = Path(path)
     if p.name == "bootstrap.json":
         return "the bootstrap stage"
-    stage = {"warmup": "warmup_data", "sft": "sft", "grpo": "grpo"}.get(p.parent.name)
+    stage = {"filter": "filter", "warmup": "warmup_data", "sft": "sft", "grpo": "grpo"}.get(
+        p.parent.name
+    )
     return f"the {stage} stage" if stage else "the stage that writes it"
 
 

@@ -11,10 +11,13 @@ check after training runs in this process. Checkpoints go to ``data/checkpoints/
 inputs are unchanged.
 Writes ``data/models/warmup/``, ``data/sft/metrics.json`` (command parse rate and teacher-free
 accuracy against the bootstrap student, on eval problems) and DVCLive curves in ``data/sft/live``.
-The check's teacher is a model directory or, with ``teacher_url``/``teacher_model``, a served
-model (relaypipe/teacher.py). ``chat_template`` must match warmup_data's: the training prompts
-come from its table, the check's prompts from :func:`relaypipe.tasks.base.format_prompt`
-(with ``chat_template_kwargs``, equal to warmup_data's too).
+The check's teacher (``teacher: {path, server}``) is a model directory or, with
+``teacher.server``, a served model (relaypipe/teacher.py). ``chat_template`` must match
+warmup_data's: the training prompts come from its table, the check's prompts from
+:func:`relaypipe.tasks.base.format_prompt` (with ``chat_template_kwargs``, equal to warmup_data's
+too). The model folder carries ``relay.json`` (relaypipe/bounds.py): that prompt format, so that
+``relaypipe decode`` and friends frame questions as the model was trained; no relay bounds (SFT
+trains under none; the check decodes under the decoder's defaults).
 A training run that leaves every weight as it was fails before the model is saved
 (relaypipe/checks.py; ``allow_degenerate: true`` keeps it, with ``warnings`` in metrics.json).
 
@@ -29,13 +32,14 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from relaypipe.bounds import PromptFormat, RelayRecord, write_relay_record
 from relaypipe.checks import enforce, unchanged_findings, weights_digest
 from relaypipe.evaluate.run import decode_problems, summarize
 from relaypipe.io import atomic_path, read_table
@@ -48,7 +52,7 @@ from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.stages.inputs import StageInputError, check_model_dir, check_table
 from relaypipe.tasks.base import Problem, check_prompt_options
-from relaypipe.teacher import HTTPOptions, build_teacher, validate_teacher_options
+from relaypipe.teacher import MOVED_TEACHER_KEYS, TeacherSpec
 from relaypipe.train.checkpoints import LiveCallback, file_digest, training_live
 from relaypipe.train.launch import (
     check_num_processes,
@@ -85,10 +89,8 @@ class SFTParams:
     threads: int | None = None
     data: str = "data/warmup/sft.parquet"
     student: str = "data/models/student"
-    teacher: str = "data/models/teacher"  # weights, or (with teacher_url) its tokenizer
-    teacher_url: str | None = None  # an OpenAI-compatible server instead of in-process weights
-    teacher_model: str | None = None  # the model name served at teacher_url
-    teacher_http: HTTPOptions = field(default_factory=HTTPOptions)
+    # the check's teacher: weights in teacher.path, or a served model (teacher.server)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
     chat_template: bool = False  # the check's prompts; keep equal to warmup_data.chat_template
     # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -97,9 +99,10 @@ class SFTParams:
     out_model: str = "data/models/warmup"
     out_dir: str = "data/sft"
 
+    MOVED_KEYS: ClassVar[dict[str, str]] = MOVED_TEACHER_KEYS
+
     def __post_init__(self) -> None:
         check_prompt_options(self.chat_template, self.chat_template_kwargs)
-        validate_teacher_options(self.teacher_url, self.teacher_model)
         check_dtype(self.dtype)
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
@@ -217,9 +220,7 @@ def train_sft(params: SFTParams, save_to: Path | None = None) -> list[str]:
         model, tok, table, args, callbacks=[LiveCallback(live)] if live else None
     )
     before = weights_digest(model)
-    trainer.train(resume_from_checkpoint=resume)
-    if live is not None:
-        live.end()
+    trainer.train(resume_from_checkpoint=resume)  # LiveCallback ends the curves' Live
     after = weights_digest(trainer.model)
     findings = unchanged_findings(
         before, after, stage="sft", source=params.student, target=params.out_model
@@ -229,14 +230,27 @@ def train_sft(params: SFTParams, save_to: Path | None = None) -> list[str]:
     if main:
         save_to = save_to or (staged_by_launcher() if launched() else None)
         if save_to is not None:  # published by run(), which then removes the checkpoints
-            trainer.model.save_pretrained(save_to)
-            tok.save_pretrained(save_to)
+            save_model(params, trainer.model, tok, save_to)
         else:
             with atomic_path(params.out_model, directory=True) as tmp:
-                trainer.model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
+                save_model(params, trainer.model, tok, tmp)
             shutil.rmtree(params.checkpoint_dir, ignore_errors=True)
     return warnings
+
+
+def relay_record(params: SFTParams) -> RelayRecord:
+    """What the warmed-up model's ``relay.json`` says: the prompt format, no bounds."""
+    prompt = PromptFormat(
+        chat_template=params.chat_template, chat_template_kwargs=params.chat_template_kwargs
+    )
+    return RelayRecord(stage="sft", prompt=prompt, bounds=None, max_new_tokens=None)
+
+
+def save_model(params: SFTParams, model: Any, tok: Any, folder: str | Path) -> None:
+    """The weights, the tokenizer and ``relay.json``, into ``folder`` (a staged one)."""
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_relay_record(folder, relay_record(params))
 
 
 def read_inputs(params: SFTParams) -> list[Problem]:
@@ -254,8 +268,10 @@ def read_inputs(params: SFTParams) -> list[Problem]:
         ),
     )
     check_model_dir(params.student, param="sft.student", made_by="the bootstrap stage")
-    if not params.teacher_url:  # a served teacher speaks the student's tokenizer
-        check_model_dir(params.teacher, param="sft.teacher", made_by="the bootstrap stage")
+    if not params.teacher.remote:  # a served teacher speaks the student's tokenizer
+        check_model_dir(
+            params.teacher.path, param="sft.teacher.path", made_by="the bootstrap stage"
+        )
     frame = check_table(
         params.eval_problems,
         ProblemSchema,
@@ -281,15 +297,7 @@ def check_warmup(
     base, tok = load_model(params.student, device=params.device, dtype=params.dtype)
     warm, _ = load_model(str(model or params.out_model), device=params.device, dtype=params.dtype)
     metrics: dict[str, Any] = {}
-    with build_teacher(
-        params.teacher,
-        tok,
-        url=params.teacher_url,
-        model_name=params.teacher_model,
-        http=params.teacher_http,
-        device=params.device,
-        dtype=params.dtype,
-    ) as teacher:
+    with params.teacher.build(tok, device=params.device, dtype=params.dtype) as teacher:
         for name, model, mode in (
             ("bootstrap", base, "student"),
             ("warmup", warm, "student"),

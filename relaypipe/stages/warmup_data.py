@@ -12,7 +12,7 @@ nothing right) or with no command inserted is refused before anything is written
 (``allow_degenerate: true`` keeps it, with ``warnings`` in metrics.json).
 The teacher is loaded only for the ``disagreement`` policy, and must then be in-process
 weights: the policy compares its logits with the student's at every position, which a served
-teacher (``teacher_url`` in other stages) does not return.
+teacher (``teacher.server`` in other stages) does not return.
 
 Its inputs are checked before any model is loaded (relaypipe/stages/inputs.py); sft.parquet
 and metrics.json are published together (relaypipe/publish.py).
