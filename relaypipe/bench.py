@@ -5,6 +5,10 @@ For every batch size the same prompts are decoded, in chunks of that size, in se
 * ``student`` / ``teacher``: one model writes everything (decoder modes ``student``/``teacher``);
 * ``relay p``: decoder mode ``random_router`` with ``router_p = p`` (greedy), which hands a
   share of about ``p`` of the tokens to the teacher at random places;
+* ``calls``: decoder mode ``relay``, greedy: the student's own calls, answered by the teacher,
+  under the call bias (``--call-bias``, else the student's ``call_bias.json`` from
+  ``relaypipe calibrate``, else 0); its teacher share is the student's, not a drawn one (an
+  untrained student hardly calls);
 * ``generate``: plain ``model.generate()`` of the student (left padding, attention mask,
   greedy, same ``max_new_tokens``), the reference for the student-only mode;
 * ``prefill``: one backend call with ``max_new_tokens=1`` per chunk and model, which gives a
@@ -22,7 +26,8 @@ modes, throughputs are medians over repeats and ratios are medians of per-repeat
 Every decode runs under the student's recorded bounds and frames questions in its recorded
 prompt format when the student folder has a ``relay.json`` (a trained relay model; see
 :mod:`relaypipe.bounds`), else under the decoder's defaults and the plain ``Q:/A:`` prompt;
-``--max-turns`` and friends, ``--chat-template`` override. The results' ``config`` says which.
+``--max-turns`` and friends, ``--chat-template`` override. The results' ``config`` says which,
+and which call bias ``calls`` ran under (``call_bias``, ``call_bias_from``).
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from relaypipe.bounds import (
     PromptFormat,
     RelayBounds,
     add_bound_arguments,
+    add_call_bias_argument,
     add_prompt_arguments,
+    bias_json,
 )
 from relaypipe.relay.backends import GenRequest, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
@@ -80,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     add_bound_arguments(p)
     add_prompt_arguments(p)
+    add_call_bias_argument(p)
 
 
 def _floats(text: str) -> list[float]:
@@ -183,11 +191,14 @@ def run_benchmark(
     bounds: RelayBounds = DECODER_DEFAULTS,
     prompt: PromptFormat | None = None,
     decoding_from: dict[str, str] | None = None,
+    call_bias: float = 0.0,
+    call_bias_from: str = "default",
 ) -> dict[str, Any]:
     """Measure every mode for every batch size; returns the JSON-able results.
 
     ``bounds`` and ``prompt``: what every decode runs under and how questions are framed
-    (``decoding_from``: where they came from, for the results' config)."""
+    (``decoding_from``: where they came from, for the results' config); ``call_bias``: the
+    bias of the ``calls`` decode (mode relay), ``call_bias_from`` where it came from."""
     from relaypipe.models import load_model
     from relaypipe.tasks.base import format_prompt
 
@@ -202,7 +213,12 @@ def run_benchmark(
 
     def cfg(mode: str, p: float = 0.0, new: int = max_new_tokens) -> RelayConfig:
         return RelayConfig(
-            mode=mode, router_p=p, max_new_tokens=new, seed=0, **bounds.relay_kwargs()
+            mode=mode,
+            router_p=p,
+            max_new_tokens=new,
+            seed=0,
+            call_bias=call_bias if mode == "relay" else 0.0,
+            **bounds.relay_kwargs(),
         )
 
     # warm-up: first calls allocate caches and pick kernels
@@ -215,6 +231,7 @@ def run_benchmark(
     for b in batch_sizes:
         per: dict[str, list] = {"student": [], "teacher": [], "generate": [], "pf": []}
         relay: dict[float, list[_Run]] = {p: [] for p in router_ps}
+        calls: list[_Run] = []  # mode relay: the student's own calls
         gen_rows: list[list[int]] = []
         for r in range(repeats):
             if progress:
@@ -223,6 +240,7 @@ def run_benchmark(
             per["teacher"].append(_decode(dec, prompts, b, cfg("teacher")))
             for p in router_ps:
                 relay[p].append(_decode(dec, prompts, b, cfg("random_router", p)))
+            calls.append(_decode(dec, prompts, b, cfg("relay")))
             g_sec, g_tok, gen_rows = _hf_generate(student, tok, texts, b, max_new_tokens)
             per["generate"].append(_Run(g_sec, g_tok, []))
             per["pf"].append((_prefill(s_back, prompts, b), _prefill(t_back, prompts, b)))
@@ -274,39 +292,42 @@ def run_benchmark(
             },
             "relay": [],
         }
-        for p in router_ps:
-            runs = relay[p]
+
+        def relay_summary(
+            runs: list[_Run], rates: list[dict[str, float]] = rates, per: dict = per
+        ) -> dict[str, Any]:
             tr = runs[0].traces
             floors = [_relay_floor(x.traces, rt) for x, rt in zip(runs, rates, strict=True)]
             n_teacher = sum(t.n_teacher for t in tr)
-            row["relay"].append(
-                {
-                    "router_p": p,
-                    **mode_summary(runs),
-                    "call_ratio": n_teacher / max(1, runs[0].tokens),
-                    "teacher_tokens": n_teacher,
-                    "handoffs": sum(t.calls for t in tr),
-                    "student_turns": sum(t.turns for t in tr),
-                    "student_prefill_tokens": sum(t.student_prefill_tokens for t in tr),
-                    "teacher_prefill_tokens": sum(t.teacher_prefill_tokens for t in tr),
-                    "floor_seconds": _median(floors),
-                    "relay_over_floor": _median(
-                        [x.seconds / f for x, f in zip(runs, floors, strict=True)]
-                    ),
-                    "relay_over_teacher_only": _median(
-                        [
-                            x.tokens_per_s / t.tokens_per_s
-                            for x, t in zip(runs, per["teacher"], strict=True)
-                        ]
-                    ),
-                    "relay_over_student_only": _median(
-                        [
-                            x.tokens_per_s / s.tokens_per_s
-                            for x, s in zip(runs, per["student"], strict=True)
-                        ]
-                    ),
-                }
-            )
+            return {
+                **mode_summary(runs),
+                "call_ratio": n_teacher / max(1, runs[0].tokens),
+                "teacher_tokens": n_teacher,
+                "handoffs": sum(t.calls for t in tr),
+                "student_turns": sum(t.turns for t in tr),
+                "student_prefill_tokens": sum(t.student_prefill_tokens for t in tr),
+                "teacher_prefill_tokens": sum(t.teacher_prefill_tokens for t in tr),
+                "floor_seconds": _median(floors),
+                "relay_over_floor": _median(
+                    [x.seconds / f for x, f in zip(runs, floors, strict=True)]
+                ),
+                "relay_over_teacher_only": _median(
+                    [
+                        x.tokens_per_s / t.tokens_per_s
+                        for x, t in zip(runs, per["teacher"], strict=True)
+                    ]
+                ),
+                "relay_over_student_only": _median(
+                    [
+                        x.tokens_per_s / s.tokens_per_s
+                        for x, s in zip(runs, per["student"], strict=True)
+                    ]
+                ),
+            }
+
+        for p in router_ps:
+            row["relay"].append({"router_p": p, **relay_summary(relay[p])})
+        row["calls"] = {"call_bias": bias_json(call_bias), **relay_summary(calls)}
         results.append(row)
 
     return {
@@ -322,6 +343,8 @@ def run_benchmark(
             "chat_template": prompt.chat_template,
             "chat_template_kwargs": dict(prompt.chat_template_kwargs),
             **({"decoding_from": decoding_from} if decoding_from else {}),
+            "call_bias": bias_json(call_bias),
+            "call_bias_from": call_bias_from,
             "repeats": repeats,
             "threads": torch.get_num_threads(),
             "device": device,
@@ -383,9 +406,12 @@ def format_table(res: dict[str, Any]) -> str:
                 f"{b:>5} {name.split('_')[0]:>10} {'':>6} {m['tokens_per_s']:>8.0f} "
                 f"{m['seconds']:>8.3f}{extra}"
             )
-        for rel in row["relay"]:
+        calls = [("calls", row["calls"])] if "calls" in row else []
+        for label, rel in [
+            ("relay " + format(r["router_p"], "g"), r) for r in row["relay"]
+        ] + calls:
             lines.append(
-                f"{b:>5} {'relay ' + format(rel['router_p'], 'g'):>10} "
+                f"{b:>5} {label:>10} "
                 f"{100 * rel['call_ratio']:>5.1f}% {rel['tokens_per_s']:>8.0f} "
                 f"{rel['seconds']:>8.3f} {rel['floor_seconds']:>8.3f} "
                 f"{rel['relay_over_floor']:>7.2f} {rel['relay_over_teacher_only']:>7.2f} "
@@ -419,13 +445,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("error: --router-ps must lie in [0, 1]")
     if args.n_prompts < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         raise SystemExit("error: --n-prompts, --max-new-tokens and --repeats must be >= 1")
-    from relaypipe.bounds import resolve_for_command
+    from relaypipe.calibrate import resolve_command
 
     try:
-        decoding = resolve_for_command(args.student, args)
+        decoding = resolve_command(args.student, args)
     except ValueError as err:  # a bound out of range, kwargs without a chat template
         raise SystemExit(f"error: {err}") from err
-    if decoding.record is not None:
+    if decoding.worth_a_note:
         print(f"relaypipe bench: {decoding.note()}", file=sys.stderr, flush=True)
     questions = list(pd.read_parquet(args.problems, columns=["question"])["question"])
     if not questions:
@@ -448,6 +474,8 @@ def run(args: argparse.Namespace) -> int:
             bounds=decoding.bounds,
             prompt=decoding.prompt,
             decoding_from={"bounds": decoding.bounds_from, "prompt": decoding.prompt_from},
+            call_bias=decoding.call_bias,
+            call_bias_from=decoding.call_bias_from,
         )
     finally:
         torch.set_num_threads(threads)
@@ -459,7 +487,10 @@ def run(args: argparse.Namespace) -> int:
     bad = [
         t
         for row in res["results"]
-        for t in [row["student_over_generate"], *(r["relay_over_floor"] for r in row["relay"])]
+        for t in [
+            row["student_over_generate"],
+            *(r["relay_over_floor"] for r in [*row["relay"], row["calls"]]),
+        ]
         if not math.isfinite(t)
     ]
     return 1 if bad else 0

@@ -20,6 +20,11 @@ overrides each one; a folder without the file keeps the commands' own defaults,
 :data:`DECODER_DEFAULTS`), and the evaluate stage with ``bounds: null`` / ``chat_template: null``
 decodes under the relay model's record (and says which bounds it used in ``models.json``).
 
+The call bias (``RelayConfig.call_bias``) is picked the same way: ``--call-bias``, else the
+student folder's ``call_bias.json`` (written by ``relaypipe calibrate``), else 0; that part
+lives in :func:`relaypipe.calibrate.resolve_command` (the stages that import this module have no
+use for it), and ``CommandDecoding`` carries the result and its note says which.
+
 This module imports only the standard library and light relaypipe modules: the command line's
 ``--help`` imports it.
 """
@@ -30,6 +35,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,7 +54,12 @@ __all__ = [
     "PromptFormat",
     "RelayBounds",
     "RelayRecord",
+    "add_call_bias_argument",
+    "bias_json",
     "budget_arg",
+    "call_bias_arg",
+    "format_bias",
+    "join_negative_values",
     "pick_bounds",
     "pick_prompt",
     "positive_arg",
@@ -228,6 +240,78 @@ def budget_arg(text: str) -> int | str:
 budget_arg.__name__ = f"integer >= 0 or {UNBOUNDED!r}"
 
 
+CALIBRATION_FILE = "call_bias.json"  # relaypipe.calibrate.CALIBRATION_FILE (for help texts)
+
+
+def call_bias_arg(text: str) -> float:
+    """argparse type: a number, ``inf`` or ``-inf`` (never NaN): a call bias."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number, inf or -inf: {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError("NaN is no call bias: give a number, inf or -inf")
+    return value
+
+
+call_bias_arg.__name__ = "number, inf or -inf"
+
+# a value argparse would take for an option ("-inf", "-1e3"); see join_negative_values
+_NEGATIVE_VALUE = re.compile(r"-(inf(inity)?|(\d+\.?\d*|\.\d+)(e[+-]?\d+)?)", re.IGNORECASE)
+
+
+def join_negative_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``--call-bias -inf`` as ``--call-bias=-inf``: argparse reads a value that starts with a
+    dash and is not a plain negative number (``-inf``, ``-1e3``) as an option and refuses it."""
+    out: list[str] = []
+    k = 0
+    while k < len(argv):
+        arg = argv[k]
+        if arg in flags and k + 1 < len(argv) and _NEGATIVE_VALUE.fullmatch(argv[k + 1]):
+            out.append(f"{arg}={argv[k + 1]}")
+            k += 2
+            continue
+        out.append(arg)
+        k += 1
+    return out
+
+
+def format_bias(value: float) -> str:
+    """``+1.25``, ``0``, ``-inf``: a call bias for a note."""
+    if value == 0:
+        return "0"
+    if math.isinf(value):
+        return "+inf" if value > 0 else "-inf"
+    return f"{value:+.4g}"
+
+
+def bias_json(value: float) -> float | str:
+    """A call bias for JSON (which has no infinity): the number, or ``"inf"`` / ``"-inf"``."""
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return float(value)
+
+
+def add_call_bias_argument(group: Any, *, server: bool = False) -> None:
+    """``--call-bias``: absent, the student's call_bias.json (else 0); see
+    :func:`relaypipe.calibrate.resolve_command`. ``server``: worded as a server default a
+    request may change."""
+    what = (
+        "the call bias of requests that name none (a request's relay.call_bias overrides it)"
+        if server
+        else "added to the student's <call> logit where it could call (relay and fixed_help "
+        "modes): > 0 calls more, < 0 less, -inf never"
+    )
+    group.add_argument(
+        "--call-bias",
+        type=call_bias_arg,
+        default=None,
+        metavar="X",
+        help=f"{what}; a number, inf or -inf (default: the student's {CALIBRATION_FILE}, written "
+        "by 'relaypipe calibrate', else 0)",
+    )
+
+
 def bound_help(name: str, what: str) -> str:
     """Help text of a bound flag: its default is the recorded value, else the decoder's."""
     fallback = getattr(DECODER_DEFAULTS, name)
@@ -353,7 +437,8 @@ def add_prompt_arguments(group: Any) -> None:
 
 @dataclass(frozen=True)
 class CommandDecoding:
-    """What a command decodes a student under: bounds, prompt format, and where from."""
+    """What a command decodes a student under: bounds, prompt format, call bias, and where
+    each came from."""
 
     bounds: RelayBounds
     prompt: PromptFormat
@@ -361,18 +446,39 @@ class CommandDecoding:
     bounds_from: str
     prompt_from: str
     path: str  # the student's relay.json (whether or not it exists)
+    call_bias: float = 0.0
+    call_bias_from: str = "default"
+    calibration: Any = None  # the student's call_bias.json (a CalibrationResult), if any
+
+    @property
+    def worth_a_note(self) -> bool:
+        """Whether anything came from the student folder or a call-bias flag (else the
+        commands say nothing: the defaults)."""
+        return self.record is not None or self.call_bias_from != "default"
 
     def note(self) -> str:
-        """One line for stderr or the log (only meaningful with a record)."""
-        return (
-            f"bounds {self.bounds.describe()} ({self.bounds_from}); prompts framed as "
-            f"{self.prompt.describe()} ({self.prompt_from}); recorded in {self.path}"
-        )
+        """One line for stderr or the log."""
+        parts = [
+            f"bounds {self.bounds.describe()} ({self.bounds_from})",
+            f"prompts framed as {self.prompt.describe()} ({self.prompt_from})",
+        ]
+        if self.record is not None:
+            parts.append(f"recorded in {self.path}")
+        source = self.call_bias_from
+        if source == "default":
+            source = f"default: no {CALIBRATION_FILE}"
+        parts.append(f"call bias {format_bias(self.call_bias)} ({source})")
+        return "; ".join(parts)
+
+    def bias_json(self) -> dict[str, Any]:
+        """The call bias and where it came from, for a JSON record (bench, serve's card)."""
+        return {"call_bias": bias_json(self.call_bias), "call_bias_from": self.call_bias_from}
 
 
 def resolve_for_command(student: str, args: argparse.Namespace) -> CommandDecoding:
     """The bounds and prompt format for a command on ``student``: each flag given, else the
-    student folder's relay.json, else the decoder's defaults and the plain template.
+    student folder's relay.json, else the decoder's defaults and the plain template (the call
+    bias is 0 here: :func:`relaypipe.calibrate.resolve_command` adds the student's).
     ``ValueError`` for flags that do not fit (a bound out of range, kwargs without the chat
     template)."""
     path = Path(student) / RELAY_RECORD

@@ -32,12 +32,16 @@ in evaluation order. Each decode uses ``config``'s seed, so a calibration is rep
 neighbouring biases see the same random numbers (common random numbers make the share a
 smoother function of the bias).
 
-Library code, no CLI: a command or stage builds the decoder and problems and calls
-:func:`calibrate` then :func:`write_calibration`. Nothing here imports trl, DVC or Prefect.
+Library code: a command (``relaypipe calibrate``, relaypipe/cli_calibrate.py) or the evaluate
+stage builds the decoder and problems and calls :func:`calibrate` then
+:func:`write_calibration`. Who reads the file: :func:`resolve_command`, the bounds, prompt format
+and call bias of ``relaypipe decode``, ``serve`` and ``bench`` (``--call-bias``, else the
+student folder's call_bias.json, else 0). Nothing here imports trl, DVC or Prefect.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -47,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relaypipe.bounds import BOUND_NAMES, CommandDecoding, RelayBounds, resolve_for_command
 from relaypipe.evaluate.run import accuracy, decode_problems
 from relaypipe.io import read_json, write_json
 from relaypipe.relay.decoder import CALL_MODES, RelayConfig, RelayDecoder
@@ -59,7 +64,9 @@ __all__ = [
     "CalibrationPoint",
     "CalibrationResult",
     "calibrate",
+    "pick_call_bias",
     "read_calibration",
+    "resolve_command",
     "teacher_share",
     "write_calibration",
 ]
@@ -331,3 +338,45 @@ def read_calibration(model_dir: str | os.PathLike[str]) -> CalibrationResult | N
         return CalibrationResult.from_dict(data)
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"{path}: not a valid calibration: {err}") from err
+
+
+def pick_call_bias(
+    student: str, given: float | None, bounds: RelayBounds | None = None
+) -> tuple[float, str, CalibrationResult | None]:
+    """The call bias a command decodes under, where it came from, and the calibration it came
+    from (None when it came from none): ``given`` (the flag), else ``call_bias.json`` in the
+    student folder, else 0. A calibration made under other bounds than ``bounds`` still
+    applies, and the source says so. A broken call_bias.json is a ValueError naming it."""
+    if given is not None:  # the file is not even read (a broken one does not matter)
+        return float(given), "--call-bias", None
+    path = Path(student) / CALIBRATION_FILE
+    if not (Path(student).is_dir() and path.is_file()):
+        return 0.0, "default", None
+    calibration = read_calibration(student)
+    assert calibration is not None
+    source = (
+        f"{path}: calibrated to teacher share {calibration.share:.4f}, target "
+        f"{calibration.target_share:g}"
+    )
+    if not calibration.reached:
+        source += ", target not reached"
+    if bounds is not None:
+        then = {k: calibration.config.get(k, "?") for k in BOUND_NAMES}
+        if then != bounds.relay_kwargs():
+            shown = ", ".join(f"{k} {'none' if v is None else v}" for k, v in then.items())
+            source += f"; calibrated under other bounds ({shown})"
+    return float(calibration.bias), source, calibration
+
+
+def resolve_command(student: str, args: argparse.Namespace) -> CommandDecoding:
+    """What ``relaypipe decode``/``serve``/``bench`` decode ``student`` under: the bounds and
+    prompt format of :func:`relaypipe.bounds.resolve_for_command`, and the call bias of
+    :func:`pick_call_bias` (``args.call_bias``, the ``--call-bias`` flag; None: not given).
+    ``ValueError`` for flags that do not fit and for a broken call_bias.json."""
+    decoding = resolve_for_command(student, args)
+    bias, source, calibration = pick_call_bias(
+        student, getattr(args, "call_bias", None), decoding.bounds
+    )
+    return dataclasses.replace(
+        decoding, call_bias=bias, call_bias_from=source, calibration=calibration
+    )

@@ -11,6 +11,10 @@ A student that a training stage wrote (``data/models/relay``, ``data/models/warm
 decode says so on stderr; a student without the file gets the decoder's defaults and the plain
 ``Q:/A:`` prompt.
 
+The call bias (``--call-bias``, a logit bias on the student's ``<call>``) defaults likewise to
+the student folder's ``call_bias.json``, which ``relaypipe calibrate`` writes (else 0); decode
+says which bias it used and where it came from on the same line.
+
 Bad input (a missing model directory, an option value a command refuses, an unreachable
 teacher server) is reported in a line or two on stderr with exit status 2; ``-v`` adds the
 full traceback (as ``RELAYPIPE_TRACEBACK=1`` does). See :mod:`relaypipe.errors`.
@@ -30,8 +34,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from relaypipe import cli_bench, cli_import, errors
-from relaypipe.bounds import add_bound_arguments, add_prompt_arguments
+from relaypipe import cli_bench, cli_calibrate, cli_import, errors
+from relaypipe.bounds import (
+    add_bound_arguments,
+    add_call_bias_argument,
+    add_prompt_arguments,
+    join_negative_values,
+)
 
 PROG = "relaypipe"
 
@@ -138,6 +147,7 @@ def _decode_parser(sub: argparse._SubParsersAction, add_teacher_arguments: Calla
         "--max-new-tokens", type=int, default=128, help="generated tokens per prompt, in all"
     )
     add_bound_arguments(p)
+    add_call_bias_argument(p)
     p.add_argument("--router-p", type=float, default=0.1, help="random_router probability")
     p.add_argument("--fixed-n", type=int, default=8, help="fixed_help tokens per call")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -170,15 +180,16 @@ def _prompts(args: argparse.Namespace, questions: list[str], tok: Any, prompt: A
 
 
 def resolve_decoding(args: argparse.Namespace, student: str, prog: str) -> Any:
-    """The bounds and prompt format for ``student`` (flags, else its relay.json, else the
-    defaults): :func:`relaypipe.bounds.resolve_for_command`, errors as brief exits."""
-    from relaypipe.bounds import resolve_for_command
+    """The bounds, prompt format and call bias for ``student`` (flags, else its relay.json and
+    call_bias.json, else the defaults): :func:`relaypipe.calibrate.resolve_command`, errors as
+    brief exits; one line on stderr says what came from where (nothing when all are defaults)."""
+    from relaypipe.calibrate import resolve_command
 
     try:
-        decoding = resolve_for_command(student, args)
+        decoding = resolve_command(student, args)
     except ValueError as err:  # a bound out of range, kwargs without a chat template
         raise SystemExit(f"error: {err}") from err
-    if decoding.record is not None:
+    if decoding.worth_a_note:
         note = decoding.note()
         if getattr(args, "raw", False):  # the recorded prompt format goes unused
             note = note.replace(
@@ -211,6 +222,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             student_sampling=Sampling(temperature=args.temperature),
             teacher_sampling=Sampling(temperature=args.temperature),
             seed=args.seed,
+            call_bias=decoding.call_bias,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
@@ -242,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
         description="Token-level collaborative decoding (RelayLLM) between a small student and a "
-        "large teacher model: decode prompts, serve the relay, benchmark it, import models.",
+        "large teacher model: decode prompts, serve the relay, benchmark it, calibrate the "
+        "student's call bias to a teacher budget, import models.",
         epilog=f"Bad input is reported in a line or two with exit status {errors.EXIT_INPUT}; "
         f"-v or {errors.TRACEBACK_ENV}=1 adds the traceback. 'relaypipe COMMAND --help' "
         "lists a command's options.",
@@ -258,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_parser(sub, cli_serve.add_teacher_arguments)
     cli_serve.add_parser(sub)
     cli_bench.add_parser(sub)
+    cli_calibrate.add_parser(sub, cli_serve.add_teacher_arguments)
     cli_import.add_parser(sub)
     return finish_parser(parser)
 
@@ -270,10 +284,15 @@ def command(name: str) -> Callable[[argparse.Namespace], int]:
         from relaypipe import cli_serve
 
         return cli_serve.run
-    return {"bench": cli_bench.run, "import": cli_import.run}[name]
+    return {"bench": cli_bench.run, "calibrate": cli_calibrate.run, "import": cli_import.run}[name]
+
+
+# options whose values may start with a dash ("--call-bias -inf"): see join_negative_values
+NUMBER_FLAGS = ("--call-bias", "--lo", "--hi")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv), NUMBER_FLAGS)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     run = command(args.command)

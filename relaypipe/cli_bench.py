@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from relaypipe.bounds import add_bound_arguments, add_prompt_arguments
+from relaypipe.bounds import add_bound_arguments, add_call_bias_argument, add_prompt_arguments
 
 DEFAULT_PROBLEMS = "data/problems/eval.parquet"  # relaypipe.bench.DEFAULT_PROBLEMS
 
@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # absent: the student's relay.json (its training bounds and prompt format), else defaults
     add_bound_arguments(p)
     add_prompt_arguments(p)
+    # absent: the student's call_bias.json (relaypipe calibrate), else 0; for the calls decode
+    add_call_bias_argument(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -18,6 +18,12 @@ A student folder with ``relay.json`` (written by grpo/sft, see :mod:`relaypipe.b
 relay caps a flag leaves out to the bounds it was trained under, and string prompts are framed
 as questions in its recorded prompt format (``--no-frame-prompts``: sent as they are); both are
 logged at start-up and shown in ``/v1/models`` (the card's ``relay`` field).
+
+The call bias (``--call-bias``, a logit bias on the student's ``<call>``) defaults to the
+student folder's ``call_bias.json`` (``relaypipe calibrate`` writes it), else 0; it is the
+bias of requests that name none, and a request's ``relay.call_bias`` replaces it (a knob, not a
+budget: the teacher budgets above still cap what any bias can buy). The card shows it
+(``call_bias``, ``"inf"``/``"-inf"`` for the infinite ones, and ``call_bias_from``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from relaypipe.bounds import add_bound_arguments, add_prompt_arguments
+from relaypipe.bounds import add_bound_arguments, add_call_bias_argument, add_prompt_arguments
 
 if TYPE_CHECKING:  # the CLI's --help must not import torch, transformers or the server
     from starlette.applications import Starlette
@@ -104,8 +110,9 @@ relay mode (a request's "relay": {...} options):
   --allowed-modes M ...   the modes a request may choose (relay.mode; default: all)
   In modes teacher and random_router, where the student makes no calls, the teacher budgets
   also lower the request's max_tokens (each teacher token and each hand-off takes one token).
-  --relay-mode (within --allowed-modes), --router-p, --fixed-n and --seed are defaults
-  a request may change.
+  --relay-mode (within --allowed-modes), --router-p, --fixed-n, --seed and --call-bias
+  are defaults a request may change (relay.call_bias: a number, Infinity or -Infinity;
+  left out, the student's call_bias.json from 'relaypipe calibrate', else 0).
 prompts (relay mode): with --frame-prompts (the default when the student has a relay.json,
 or with --chat-template/--no-chat-template) a string prompt is a question, framed as the
 student was trained (Q:/A:, or its chat template); token-id prompts are sent as they are.
@@ -207,6 +214,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     relay.add_argument("--router-p", type=_probability, default=0.1, help="random_router default")
     relay.add_argument("--fixed-n", type=positive, default=8, help="fixed_help default")
     relay.add_argument("--seed", type=non_negative, default=0, help="seed of unseeded requests")
+    add_call_bias_argument(relay, server=True)
     return p
 
 
@@ -257,6 +265,7 @@ def build_app(args: argparse.Namespace) -> Starlette:
             router_p=args.router_p,
             fixed_n=args.fixed_n,
             seed=args.seed,
+            call_bias=decoding.call_bias,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
@@ -289,6 +298,7 @@ def build_app(args: argparse.Namespace) -> Starlette:
         "chat_template": decoding.prompt.chat_template,
         "chat_template_kwargs": dict(decoding.prompt.chat_template_kwargs),
         "prompt_from": decoding.prompt_from,
+        **decoding.bias_json(),  # the default bias; a request's relay.call_bias replaces it
     }
     log.info(
         "relay: %s; string prompts %s",
@@ -299,8 +309,9 @@ def build_app(args: argparse.Namespace) -> Starlette:
 
 
 def _relay_decoding(args: argparse.Namespace) -> Any:
-    """The caps and prompt format: flags, else the student's relay.json, else the defaults."""
-    from relaypipe.bounds import resolve_for_command
+    """The caps, prompt format and default call bias: flags, else the student's relay.json
+    (call_bias.json), else the defaults."""
+    from relaypipe.calibrate import resolve_command
 
     if getattr(args, "frame_prompts", None) is False and (
         getattr(args, "chat_template", None) is not None
@@ -310,7 +321,7 @@ def _relay_decoding(args: argparse.Namespace) -> Any:
             "error: --no-frame-prompts sends prompts as they are; drop --chat-template(-kwargs)"
         )
     try:
-        return resolve_for_command(args.student, args)
+        return resolve_command(args.student, args)
     except ValueError as err:  # a cap out of range, kwargs without a chat template
         raise SystemExit(f"error: {err}") from err
 

@@ -14,7 +14,7 @@ from relaypipe import cli
 from tests.pipeline_helpers import ROOT
 
 HEAVY = ("torch", "transformers", "trl", "prefect", "pandas")
-COMMANDS = [[], ["decode"], ["serve"], ["bench"], ["import"]]
+COMMANDS = [[], ["decode"], ["serve"], ["bench"], ["calibrate"], ["import"]]
 
 PROBE = """
 import contextlib, io, json, sys

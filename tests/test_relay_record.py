@@ -431,6 +431,9 @@ def test_evaluate_null_means_the_relay_models_record(trained, tmp_path, caplog):
         "chat_template_kwargs": KWARGS,
         "prompt_from": path,
         "trained_bounds": TRAINED.relay_kwargs(),
+        "call_bias": 0.0,  # evaluate.call_bias's default; no calibration
+        "call_bias_from": "evaluate.call_bias",
+        "calibration": None,
     }
     rows = pd.read_parquet(tmp_path / "eval" / "requests.parquet")
     teacher = rows[rows["mode"] == "teacher"]

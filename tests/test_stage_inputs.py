@@ -199,6 +199,11 @@ def evaluate_params(i: dict[str, str], out: Path) -> evaluate.EvaluateParams:
         warmup=i["warmup_model"],
         relay_model=i["relay_model"],
         teacher=TeacherSpec(i["teacher"]),
+        # held-out problems: read only when calibrating the relay call bias
+        calibrate=evaluate.CalibrateParams(
+            target_share=float(i["calibrate_target"]) if "calibrate_target" in i else None
+        ),
+        eval_problems=i["eval"],
         out_dir=str(out / "eval"),
     )
 
@@ -453,6 +458,14 @@ INPUTS = [
     Input("evaluate", "warmup_model", "model", ("evaluate.warmup", "sft stage")),
     Input("evaluate", "relay_model", "model", ("evaluate.relay_model", "grpo stage")),
     Input("evaluate", "teacher", "model", ("evaluate.teacher", "bootstrap stage")),
+    Input(
+        "evaluate",
+        "eval",
+        "table",
+        ("evaluate.eval_problems", "prepare stage"),
+        empty_words=("prepare.n_eval",),
+        extra={"calibrate_target": "=0.1"},  # calibrating: the only time the stage reads it
+    ),
     Input(
         "report",
         "requests",

@@ -23,6 +23,11 @@ cost_usd_uncached, latency_s, ...; token, FLOP, money and latency values are mea
   (no more accurate than the student alone), a relay that made no teacher calls, and, with
   ``gap_recovered``, a teacher no better than the student: nothing to compare, never a
   negative "reduction".
+* ``call_bias``: the relay mode's call bias (models.json ``decoding.call_bias``; 0 when it has
+  none), and ``calibration``: null unless evaluate calibrated it (``evaluate.calibrate``), else
+  the target teacher share, the bias, the share on the held-out problems (``held_out``) and the
+  *realised* teacher share of the relay mode on each benchmark and on average (macro, as
+  ``modes.relay.call_ratio``), each with ``difference`` = |share − target|.
 * ``warnings``: the earlier stages' ``warnings`` (degenerate runs kept with ``allow_degenerate``,
   see relaypipe/checks.py) and the report's own (a relay that never called, no gap); report.md
   opens with them.
@@ -163,16 +168,50 @@ def _headline(
     return out, notes, matched
 
 
+def _calibration(
+    calibration: Mapping[str, Any] | None,
+    benchmarks: Mapping[str, Mapping[str, dict[str, float]]],
+    macro: Mapping[str, dict[str, float]],
+) -> dict[str, Any] | None:
+    """metrics.json's ``calibration``: the target against the relay's realised shares."""
+    if calibration is None:
+        return None
+    target = float(calibration["target_share"])
+
+    def against(values: Mapping[str, float] | None) -> dict[str, float | None]:
+        if values is None:
+            return {"share": None, "difference": None}
+        share = float(values["call_ratio"])
+        return {"share": share, "difference": abs(share - target)}
+
+    return {
+        "target_share": target,
+        "tol": float(calibration["tol"]),
+        "bias": float(calibration["bias"]),
+        "reached": bool(calibration["reached"]),
+        "held_out": {
+            "share": float(calibration["share"]),
+            "difference": abs(float(calibration["share"]) - target),
+            "accuracy": float(calibration["accuracy"]),
+            "n_problems": int(calibration["n_problems"]),
+        },
+        "benchmarks": {name: against(modes.get("relay")) for name, modes in benchmarks.items()},
+        "average": against(macro.get("relay")),
+    }
+
+
 def build_metrics(
     requests: pd.DataFrame,
     models: Mapping[str, CostModel],
     confidence: float = 0.95,
     upstream_warnings: Sequence[str] = (),
+    decoding: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """metrics.json's content (see the module docstring) from an EvalRequestSchema table.
 
     ``upstream_warnings``: what earlier stages recorded under ``warnings`` (runs they kept
-    because of ``allow_degenerate``); they head the report's own warnings.
+    because of ``allow_degenerate``); they head the report's own warnings. ``decoding``:
+    models.json's ``decoding`` (the relay call bias and its calibration), if any.
     """
     if requests.empty:
         raise ValueError("the requests table is empty: nothing to report")
@@ -213,6 +252,8 @@ def build_metrics(
         by_benchmark[name] = h
         notes.update({f"{name}.{k}": v for k, v in h_notes.items()})
 
+    decoding = decoding or {}
+    calibration = _calibration(decoding.get("calibration"), benchmarks, macro)
     metrics: dict[str, Any] = {
         "modes": {m: _round(v) for m, v in macro.items()},
         "benchmarks": {b: {m: _round(v) for m, v in ms.items()} for b, ms in benchmarks.items()},
@@ -225,6 +266,8 @@ def build_metrics(
         },
         "notes": notes,
         "confidence": confidence,
+        "call_bias": decoding.get("call_bias", 0.0),  # a number, or "inf" / "-inf"
+        "calibration": _round(calibration) if calibration is not None else None,
         # A run that learned nothing must not read like a success: these head report.md.
         "warnings": [
             *upstream_warnings,
@@ -365,6 +408,52 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return "null" if value is None else format(value * scale, spec)
 
 
+def _bias_text(value: Any) -> str:
+    if isinstance(value, str):  # "inf" / "-inf"
+        return value if value.startswith("-") else f"+{value}"
+    return "0" if value == 0 else f"{value:+.4g}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def _calibration_lines(metrics: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """report.md: the relay's call bias; when calibrated, the target against the realised
+    teacher share on each benchmark and on average."""
+    cal = metrics.get("calibration")
+    bias = metrics.get("call_bias", 0.0)
+    if cal is None:
+        if bias == 0:
+            return []
+        return [
+            "",
+            f"The relay mode decoded with call bias {_bias_text(bias)} (evaluate.call_bias).",
+        ]
+    held = cal["held_out"]
+    reached = "reached" if cal["reached"] else "**not reached**: the closest bias seen was used"
+    lines = [
+        "",
+        f"Call bias calibrated to a teacher share of {_pct(cal['target_share'])} % "
+        f"(± {_pct(cal['tol'])}) on {held['n_problems']} held-out problems: bias "
+        f"{_bias_text(cal['bias'])}, {_pct(held['share'])} % there ({reached}). "
+        "The relay mode's realised teacher share against that target:",
+        "",
+        "| | " + " | ".join(names) + " | average |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
+    rows = [*(cal["benchmarks"][b] for b in names), cal["average"]]
+    lines.append(
+        f"| teacher share % (target {_pct(cal['target_share'])}) | "
+        + " | ".join(_pct(r["share"]) for r in rows)
+        + " |"
+    )
+    lines.append(
+        "| abs(share − target), points | " + " | ".join(_pct(r["difference"]) for r in rows) + " |"
+    )
+    return lines
+
+
 def render_markdown(metrics: Mapping[str, Any], run_command: str = "") -> str:
     """report.md: the paper-shaped table, the headline, the honest cost, the router sweep."""
     names = list(metrics["benchmarks"])
@@ -399,6 +488,8 @@ def render_markdown(metrics: Mapping[str, Any], run_command: str = "") -> str:
         cells = [_cell(metrics["benchmarks"][b].get(mode)) for b in names]
         cells.append(_cell(modes.get(mode)))
         lines.append(f"| {MODE_TITLES[mode]} | " + " | ".join(cells) + " |")
+
+    lines += _calibration_lines(metrics, names)
 
     notes = metrics["notes"]
     lines += ["", "## Headline", ""]

@@ -311,7 +311,8 @@ class RelayEngine:
     not merged, because the decoder seeds each request by its position in the batch: merging
     would make a seeded request's result depend on what else arrived with it.
 
-    ``config`` is the operator's: its mode and seed are defaults, and its budgets
+    ``config`` is the operator's: its mode, seed and ``call_bias`` are defaults (a request's
+    ``relay.call_bias`` replaces the bias, in either direction), and its budgets
     (``max_teacher_tokens``, ``max_calls``, ``max_call_tokens``, ``max_turns``; ``None``:
     unbounded) are ceilings that a request's ``relay`` options may lower but never raise; an
     absent or ``null`` option means the operator's value. ``allowed_modes`` (default: all) are
@@ -410,6 +411,7 @@ class RelayEngine:
                 seed=seed,
                 router_p=base.router_p if opts.router_p is None else opts.router_p,
                 fixed_n=base.fixed_n if opts.fixed_n is None else opts.fixed_n,
+                call_bias=base.call_bias if opts.call_bias is None else opts.call_bias,
                 **caps,
             )
         except (ValueError, TypeError) as err:

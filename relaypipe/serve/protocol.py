@@ -13,7 +13,9 @@ with something other than what was asked. OpenAI fields this server does not imp
 (``stream``, ``n``, ``stop``, ``logprobs``, ...) are accepted only at their "off" value.
 
 Types are strict: a JSON ``true`` is not an integer, ``4.0`` / ``"4"`` are not integers, and
-``NaN`` / ``Infinity`` (which Python's ``json`` lets through) are not numbers.
+``NaN`` / ``Infinity`` (which Python's ``json`` lets through) are not numbers. One exception:
+``relay.call_bias`` takes ``Infinity`` / ``-Infinity`` (or a number too large for a double,
+``1e999``) as the infinite biases "always call" / "never call"; ``NaN`` stays refused.
 """
 
 from __future__ import annotations
@@ -203,6 +205,16 @@ class RelayOptions(BaseModel):
     max_call_tokens: int | None = Field(None, ge=1, le=MAX_INT64)
     max_turns: int | None = Field(None, ge=1, le=MAX_INT64)
     fixed_n: int | None = Field(None, ge=1, le=MAX_TOP_K)
+    # a default, not a ceiling: added to the student's <call> logit (RelayConfig.call_bias);
+    # finite or +-inf, never NaN
+    call_bias: float | None = Field(None, allow_inf_nan=True)
+
+    @field_validator("call_bias", mode="after")
+    @classmethod
+    def _check_call_bias(cls, value: float | None) -> float | None:
+        if value is not None and math.isnan(value):
+            raise _fail("'relay.call_bias' must be a number, Infinity or -Infinity, got NaN")
+        return value
 
     def is_empty(self) -> bool:
         return all(getattr(self, name) is None for name in type(self).model_fields)

@@ -23,6 +23,18 @@ Departures from the paper: benchmarks are the micro task's difficulty levels
 (plus any dataset from ``prepare.benchmarks``), and the cost is measured in full (see
 relaypipe/evaluate/cost.py), not only as the teacher's token share.
 
+Call bias (``RelayConfig.call_bias``, a logit bias on the relay student's ``<call>``; see
+relaypipe/calibrate.py): the relay mode decodes with ``call_bias`` (default 0: the student as
+trained). With ``calibrate.target_share`` set, the stage first *calibrates* it: it bisects for
+the bias whose teacher share on the first ``calibrate.n_problems`` held-out problems
+(``eval_problems``, data/problems/eval.parquet; never a benchmark) is within ``calibrate.tol``
+of the target, then decodes the relay mode with that bias; a target out of reach is logged
+and the closest bias used (``reached: false``). models.json records the bias and where it came
+from (``decoding.call_bias``, ``decoding.call_bias_from``) and the calibration
+(``decoding.calibration``: target, bias, share and accuracy on the held-out set, every point;
+null when off), and the report sets the realised teacher share on each benchmark against the
+target. The bias acts only in mode relay (the other modes' decodes make no honoured calls).
+
 The teacher (``teacher: {path, server}``) is a model directory (in-process) or, with
 ``teacher.server``, a served model (vLLM, ``relaypipe serve``; see relaypipe/teacher.py): the
 teacher-alone, relay and random-router modes then send every teacher turn to that server. A
@@ -30,12 +42,15 @@ served teacher's parameter count cannot be read from its weights, so ``teacher.s
 must give it (the report's FLOPs and cost need it).
 
 Every input is checked before any model is loaded (relaypipe/stages/inputs.py): an empty
-benchmark table is refused. requests.parquet and models.json are published together.
+benchmark table is refused, and so is a missing or empty ``eval_problems`` when calibrating.
+requests.parquet and models.json are published together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,8 +63,11 @@ from relaypipe.bounds import (
     PromptFormat,
     RelayBounds,
     RelayRecord,
+    bias_json,
+    format_bias,
     read_relay_record,
 )
+from relaypipe.calibrate import CalibrationResult, calibrate
 from relaypipe.evaluate.suite import evaluate_benchmarks, plan_runs
 from relaypipe.micro.models import count_parameters
 from relaypipe.models import check_dtype, load_model
@@ -63,6 +81,44 @@ from relaypipe.tasks.base import Problem, check_prompt_options
 from relaypipe.teacher import MOVED_TEACHER_KEYS, TeacherSpec
 
 log = logging.getLogger(__name__)
+
+
+def _real(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    """``evaluate.calibrate``: the relay mode's call bias, found for a target teacher share on
+    held-out problems before the benchmarks are decoded (relaypipe/calibrate.py)."""
+
+    target_share: float | None = None  # teacher tokens / generated tokens; null: off
+    n_problems: int = 200  # the first N of evaluate.eval_problems
+    tol: float = 0.01  # a share within this of the target is reached
+    lo: float = -20.0  # the bias range searched
+    hi: float = 20.0
+    max_iters: int = 12  # bisection steps after the two ends
+    min_step: float = 0.001  # stop when the bracket is narrower (the share jumps there)
+
+    def __post_init__(self) -> None:
+        if self.target_share is not None and not (
+            _real(self.target_share) and 0.0 <= self.target_share <= 1.0
+        ):
+            raise ValueError(f"target_share must be in [0, 1] or null, got {self.target_share}")
+        if self.n_problems < 1:
+            raise ValueError(f"n_problems must be >= 1, got {self.n_problems}")
+        if not (_real(self.tol) and 0.0 < self.tol < 1.0):
+            raise ValueError(f"tol must be in (0, 1), got {self.tol}")
+        if not (_real(self.lo) and _real(self.hi) and self.lo < self.hi):
+            raise ValueError(f"need finite lo < hi, got lo={self.lo}, hi={self.hi}")
+        if self.max_iters < 0:
+            raise ValueError(f"max_iters must be >= 0, got {self.max_iters}")
+        if not (_real(self.min_step) and self.min_step > 0):
+            raise ValueError(f"min_step must be > 0, got {self.min_step}")
+
+    @property
+    def on(self) -> bool:
+        return self.target_share is not None
 
 
 @dataclass(frozen=True)
@@ -91,6 +147,12 @@ class EvaluateParams:
     # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking
     # mode; None: {} with an explicit chat_template, else the relay model's
     chat_template_kwargs: dict[str, Any] | None = None
+    # added to the relay student's <call> logit in mode relay (0: as trained; .inf / -.inf:
+    # call whenever allowed / never); replaced by the calibrated bias when calibrate is on
+    call_bias: float = 0.0
+    # find the relay mode's call bias for calibrate.target_share first (null: off)
+    calibrate: CalibrateParams = field(default_factory=CalibrateParams)
+    eval_problems: str = "data/problems/eval.parquet"  # held-out problems calibrate decodes
     out_dir: str = "data/eval"
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {**MOVED_TEACHER_KEYS, **MOVED_BOUNDS}
@@ -114,6 +176,20 @@ class EvaluateParams:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         check_dtype(self.dtype)
+        if math.isnan(self.call_bias):
+            raise ValueError("call_bias must be a number, .inf or -.inf, got NaN")
+        if self.calibrate.on:
+            if self.call_bias != 0:
+                raise ValueError(
+                    f"call_bias {self.call_bias} and calibrate.target_share "
+                    f"{self.calibrate.target_share} are both set: the calibration finds the "
+                    "bias; set call_bias to 0 or calibrate.target_share to null"
+                )
+            if "relay" not in self.modes:
+                raise ValueError(
+                    "calibrate.target_share calibrates the relay mode's call bias, but modes "
+                    "has no relay"
+                )
         server = self.teacher.server
         if server is not None and not server.params:
             raise ValueError(
@@ -131,6 +207,9 @@ class Decoding:
     bounds_from: str  # "evaluate.bounds" or the relay model's relay.json
     prompt_from: str  # "evaluate.chat_template" or the relay model's relay.json
     trained: RelayRecord | None  # the relay model's record, when it has one
+    call_bias: float = 0.0  # mode relay's
+    call_bias_from: str = "evaluate.call_bias"  # or "evaluate.calibrate"
+    calibration: CalibrationResult | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -144,6 +223,9 @@ class Decoding:
                 if self.trained is not None and self.trained.bounds is not None
                 else None
             ),
+            "call_bias": bias_json(self.call_bias),  # "inf" / "-inf": JSON has no infinity
+            "call_bias_from": self.call_bias_from,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
         }
 
 
@@ -208,7 +290,7 @@ def resolve_decoding(params: EvaluateParams) -> Decoding:
         bounds_from,
         prompt.describe(),
     )
-    return Decoding(bounds, prompt, bounds_from, prompt_from, record)
+    return Decoding(bounds, prompt, bounds_from, prompt_from, record, params.call_bias)
 
 
 def load_benchmarks(params: EvaluateParams) -> dict[str, list[Problem]]:
@@ -249,11 +331,30 @@ STUDENT_MAKERS = {
 }
 
 
-def read_inputs(params: EvaluateParams) -> tuple[dict[str, list[Problem]], Decoding]:
+def load_held_out(params: EvaluateParams) -> list[Problem]:
+    """The held-out problems calibrate decodes (the first calibrate.n_problems of
+    eval_problems), checked; none when calibrate is off (the table is not read)."""
+    if not params.calibrate.on:
+        return []
+    frame = check_table(
+        params.eval_problems,
+        ProblemSchema,
+        param="evaluate.eval_problems",
+        made_by="the prepare stage",
+        empty="the prepare stage wrote no eval problems (prepare.n_eval); re-run prepare",
+    )
+    return frame_to_problems(frame)[: params.calibrate.n_problems]
+
+
+def read_inputs(
+    params: EvaluateParams,
+) -> tuple[dict[str, list[Problem]], Decoding, list[Problem]]:
     """Every input, checked before any model is loaded: the benchmark tables (returned), the
-    students the modes use, in-process the teacher, and the bounds and prompt format (returned;
-    from the relay model's relay.json where the params are null)."""
+    held-out problems when calibrating (returned), the students the modes use, in-process the
+    teacher, and the bounds and prompt format (returned; from the relay model's relay.json
+    where the params are null)."""
     benchmarks = load_benchmarks(params)
+    held_out = load_held_out(params)
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     for role in sorted({r.student_role for r in plan_runs(params.modes, params.router_p)}):
         param, made_by = STUDENT_MAKERS[role]
@@ -262,13 +363,56 @@ def read_inputs(params: EvaluateParams) -> tuple[dict[str, list[Problem]], Decod
         check_model_dir(
             params.teacher.path, param="evaluate.teacher.path", made_by="the bootstrap stage"
         )
-    return benchmarks, resolve_decoding(params)
+    return benchmarks, resolve_decoding(params), held_out
+
+
+def calibrate_relay(
+    params: EvaluateParams,
+    decoder: RelayDecoder,
+    held_out: list[Problem],
+    config: RelayConfig,
+    decoding: Decoding,
+) -> CalibrationResult:
+    """The relay mode's call bias for ``calibrate.target_share`` on the held-out problems,
+    decoded as the benchmarks will be (``config``, prompt format, batch size)."""
+    spec = params.calibrate
+    assert spec.target_share is not None
+    log.info(
+        "evaluate: calibrating the relay call bias to teacher share %g on %d held-out problems",
+        spec.target_share,
+        len(held_out),
+    )
+    result = calibrate(
+        decoder,
+        held_out,
+        target_share=spec.target_share,
+        config=dataclasses.replace(config, mode="relay"),
+        lo=spec.lo,
+        hi=spec.hi,
+        tol=spec.tol,
+        max_iters=spec.max_iters,
+        min_step=spec.min_step,
+        batch_size=params.batch_size,
+        **decoding.prompt.format_kwargs(),
+    )
+    if result.reached:
+        log.info("evaluate: %s", result.message)
+    else:
+        log.warning(
+            "evaluate: calibration did not reach teacher share %g (%s); the relay mode decodes "
+            "with the closest bias seen, %s (share %.4f on the held-out problems)",
+            spec.target_share,
+            result.message,
+            format_bias(result.bias),
+            result.share,
+        )
+    return result
 
 
 def run(params: EvaluateParams) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
-    benchmarks, decoding = read_inputs(params)
+    benchmarks, decoding, held_out = read_inputs(params)
     runs = plan_runs(params.modes, params.router_p)
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     roles = sorted({r.student_role for r in runs})
@@ -296,6 +440,16 @@ def run(params: EvaluateParams) -> dict:
         seed=params.seed,
     )
     with teacher, torch.inference_mode():
+        if params.calibrate.on:
+            result = calibrate_relay(params, decoders["relay"], held_out, config, decoding)
+            decoding = dataclasses.replace(
+                decoding,
+                call_bias=result.bias,
+                call_bias_from="evaluate.calibrate",
+                calibration=result,
+            )
+        # the bias acts in decoder modes relay and fixed_help only: here, the relay mode
+        config = dataclasses.replace(config, call_bias=decoding.call_bias)
         table = evaluate_benchmarks(
             benchmarks,
             runs,
@@ -317,17 +471,19 @@ def run(params: EvaluateParams) -> dict:
         },
         "students": students,
         "modes": {r.mode: r.student_role for r in runs},
-        "decoding": decoding.to_json(),  # the bounds and prompt format, and where from
+        # the bounds, prompt format and relay call bias, where each came from, the calibration
+        "decoding": decoding.to_json(),
     }
     # Both land together; the table is validated first: if it breaks its contract, nothing
     # (not even models.json) is written.
     with together() as pub:
         pub.table(table, out / "requests.parquet", EvalRequestSchema)
         pub.json(out / "models.json", models)
-    summary = {
+    summary: dict[str, Any] = {
         "requests": len(table),
         "benchmarks": {name: len(problems) for name, problems in benchmarks.items()},
         "runs": [r.label for r in runs],
+        "call_bias": bias_json(decoding.call_bias),
     }
     return summary
 

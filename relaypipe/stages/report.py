@@ -6,6 +6,8 @@ Reads ``data/eval/requests.parquet`` (EvalRequestSchema) and ``data/eval/models.
 ``evaluate``). Writes, all under ``data/eval/``:
 
 * ``metrics.json``: ``modes.<mode>.<metric>`` (macro average over benchmarks),
+  ``calibration`` (when evaluate calibrated the relay's call bias: the target teacher share
+  against the realised one on each benchmark and on average, and their difference),
   ``benchmarks.<name>.<mode>.<metric>``, ``gap_recovered``, ``cost_reduction_vs_matched_router``
   (teacher-token share, the paper's measure), ``cost_reduction_vs_matched_router_flops``, with
   95 % Wilson intervals for every accuracy, ``notes`` saying why any number is null
@@ -121,9 +123,47 @@ def stage_warnings(paths: list[str]) -> list[str]:
     return out
 
 
-def read_inputs(params: ReportParams) -> tuple[pd.DataFrame, dict, list[str]]:
-    """Every input, checked: the eval table (not empty), models.json and the earlier stages'
-    metrics (their warnings)."""
+CALIBRATION_KEYS = {
+    "target_share": float,
+    "tol": float,
+    "bias": float,
+    "share": float,
+    "accuracy": float,
+    "reached": bool,
+    "n_problems": int,
+}
+
+
+def _is(value: object, kind: type) -> bool:
+    """A JSON value of ``kind`` (an integer counts as a float; a boolean as nothing else)."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
+
+
+def decoding_of(raw: dict, path: str) -> dict:
+    """models.json's ``decoding`` (older ones have none: {}), its calibration checked."""
+    decoding = raw.get("decoding") or {}
+    calibration = decoding.get("calibration") if isinstance(decoding, dict) else None
+    good = isinstance(decoding, dict) and (
+        calibration is None
+        or (
+            isinstance(calibration, dict)
+            and all(_is(calibration.get(k), t) for k, t in CALIBRATION_KEYS.items())
+        )
+    )
+    if not good:
+        raise StageInputError(
+            f"{path} (report.models): 'decoding.calibration' must be null or a calibration "
+            f"({', '.join(CALIBRATION_KEYS)}); it is written by the evaluate stage: re-run it"
+        )
+    return decoding
+
+
+def read_inputs(params: ReportParams) -> tuple[pd.DataFrame, dict, list[str], dict]:
+    """Every input, checked: the eval table (not empty), models.json (its cost models and its
+    ``decoding``: the relay call bias and calibration) and the earlier stages' metrics (their
+    warnings)."""
     requests = check_table(
         params.requests,
         EvalRequestSchema,
@@ -152,14 +192,15 @@ def read_inputs(params: ReportParams) -> tuple[pd.DataFrame, dict, list[str]]:
             f"{params.models} (report.models) has no model for mode(s) {', '.join(unknown)} of "
             f"{params.requests}: the two come from different evaluate runs; re-run evaluate"
         )
-    return requests, models, stage_warnings(params.stage_metrics)
+    decoding = decoding_of(raw, params.models)
+    return requests, models, stage_warnings(params.stage_metrics), decoding
 
 
 def run(params: ReportParams) -> dict:
     # Everything is read and computed before anything is written, and the four outputs land
     # together: a bad input or a failure anywhere leaves the previous report as it was.
-    requests, models, upstream = read_inputs(params)
-    metrics = build_metrics(requests, models, params.confidence, upstream)
+    requests, models, upstream, decoding = read_inputs(params)
+    metrics = build_metrics(requests, models, params.confidence, upstream, decoding)
     markdown = render_markdown(metrics, "python -m relaypipe.stages.report")
     png = render_png(metrics)
     out = Path(params.out_dir)
@@ -178,6 +219,10 @@ def run(params: ReportParams) -> dict:
     }
     headline["accuracy"] = {m: v["accuracy"] for m, v in metrics["modes"].items()}
     headline["warnings"] = metrics["warnings"]
+    if metrics["calibration"] is not None:
+        headline["calibration"] = {
+            k: metrics["calibration"][k] for k in ("target_share", "bias", "average")
+        }
     for warning in metrics["warnings"]:
         log.warning("%s", warning)
     return headline
