@@ -34,7 +34,7 @@ import os
 import sys
 from typing import Any, get_type_hints
 
-from prefect import Flow, flow, tags
+from prefect import Flow, flow, get_run_logger, tags
 from prefect.context import FlowRunContext
 from prefect.states import Failed
 
@@ -90,7 +90,8 @@ def stage_flow(stage: str) -> Flow[..., dict[str, Any]]:
             # Bad input: the run fails with the message alone. data=err: state.result() and a
             # plain call of the flow raise the stage's exception itself, as a raise would.
             return Failed(message=errors.describe(err), data=err)  # type: ignore[return-value]
-        print(f"{stage}: {summary}")  # log_prints: the summary ends up in the run's logs
+        run_log = get_run_logger() if FlowRunContext.get() else logging.getLogger(__name__)
+        run_log.info("%s: %s", stage, summary)  # the summary, in the run's logs
         return summary
 
     stage_body.__name__ = stage_body.__qualname__ = f"{stage}_flow"
@@ -101,7 +102,10 @@ def stage_flow(stage: str) -> Flow[..., dict[str, Any]]:
     return flow(
         stage_body,
         name=f"relaypipe-{stage.replace('_', '-')}",
-        log_prints=True,
+        # Not log_prints: it patches print(), which dill (under datasets' fingerprinting)
+        # uses to disassemble functions into a captured stdout; the bytecode ended up in the
+        # run's logs.
+        log_prints=False,
         persist_result=False,
         retries=0,
     )

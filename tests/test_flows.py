@@ -106,7 +106,7 @@ def test_stage_cli_is_quiet_and_fails_cleanly(prefect_api_url, tmp_path):
         timeout=300,
     )
     assert_quiet(ok.stdout + ok.stderr)
-    assert "prepare: {'n_train': 40" in ok.stderr  # log_prints: the summary is in the logs
+    assert "prepare: {'n_train': 40" in ok.stderr  # the summary is in the run's logs
     assert "Finished in state Completed()" in ok.stderr
 
     bad = tiny_params(tmp_path, "bad.yaml", n_trian=3)

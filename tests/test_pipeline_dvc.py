@@ -14,11 +14,23 @@ from tests.pipeline_helpers import make_repo, sh
 pytestmark = pytest.mark.slow
 
 
+REPRO_LOG: list[str] = []  # what the first `dvc repro` printed
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     path = make_repo(tmp_path_factory.mktemp("pipeline"))
-    sh("dvc", "repro", cwd=path)
+    proc = sh("dvc", "repro", cwd=path)
+    REPRO_LOG.append(proc.stdout + proc.stderr)
     return path
+
+
+def test_stage_logs_carry_no_bytecode(repo):
+    """dill disassembles functions for datasets' fingerprints into a captured stdout; with
+    Prefect's log_prints that bytecode went to the run's logs."""
+    (log,) = REPRO_LOG
+    assert "Running stage 'sft'" in log and "Running stage 'grpo'" in log
+    assert not re.search(r"\b(LOAD_GLOBAL|LOAD_FAST|RESUME)\b", log)
 
 
 def test_repro_writes_every_artifact(repo):
