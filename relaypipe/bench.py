@@ -218,7 +218,7 @@ def run_benchmark(
             max_new_tokens=new,
             seed=0,
             call_bias=call_bias if mode == "relay" else 0.0,
-            **bounds.relay_kwargs(),
+            **bounds.relay_kwargs(mode),
         )
 
     # warm-up: first calls allocate caches and pick kernels

@@ -74,6 +74,11 @@ BOUND_NAMES = ("max_call_tokens", "max_teacher_tokens", "max_calls", "max_turns"
 MOVED_BOUNDS = {"relay": "bounds"}
 
 
+# Decoder modes that are baselines for the relay, decoded without its per-request teacher
+# budgets (RelayBounds.relay_kwargs).
+UNBUDGETED = frozenset({"teacher", "random_router"})
+
+
 @dataclass(frozen=True)
 class RelayBounds:
     """How far one relay decode may go; the bounds a student is trained and decoded under."""
@@ -92,9 +97,18 @@ class RelayBounds:
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or null (unbounded), got {value}")
 
-    def relay_kwargs(self) -> dict[str, int | None]:
-        """The :class:`~relaypipe.relay.decoder.RelayConfig` arguments these bounds set."""
-        return {name: getattr(self, name) for name in BOUND_NAMES}
+    def relay_kwargs(self, mode: str | None = None) -> dict[str, int | None]:
+        """The :class:`~relaypipe.relay.decoder.RelayConfig` arguments these bounds set.
+
+        With a decoder ``mode`` among :data:`UNBUDGETED` (the teacher alone, the random
+        router: baselines), without the per-request teacher budgets, which are the relay's:
+        the decoder enforces them in every mode, and the teacher alone would otherwise stop
+        after the relay's budget.
+        """
+        kwargs = {name: getattr(self, name) for name in BOUND_NAMES}
+        if mode in UNBUDGETED:
+            kwargs.update(max_teacher_tokens=None, max_calls=None)
+        return kwargs
 
     def describe(self) -> str:
         """``max_call_tokens 8, max_teacher_tokens 12, max_calls none, max_turns 16``."""

@@ -18,6 +18,12 @@ random_router    bootstrap student   ``random_router`` with ``router_p`` = p, on
 The random router hands each next token to the teacher with probability p, independently
 (DESIGN.md §1), with the bootstrap student writing the rest: it is the no-learning baseline that
 the relay's learned calls are compared with at equal call ratio or equal accuracy.
+
+The per-request teacher budgets of the bounds (``max_teacher_tokens``, ``max_calls``) are the
+relay's: the decoder enforces them in every mode, so the baselines (``teacher`` and the
+``random_router`` sweep, ``relaypipe.bounds.UNBUDGETED``) decode without them. Otherwise the
+teacher alone would stop after the relay's 12 tokens and the router sweep could not reach high
+shares.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from relaypipe.bounds import UNBUDGETED
 from relaypipe.evaluate.run import decode_problems
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import EVAL_MODES
@@ -38,7 +45,13 @@ from relaypipe.tasks.base import Problem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODE_PLAN", "NOT_A_ROUTER", "ModeRun", "evaluate_benchmarks", "plan_runs"]
+__all__ = [
+    "MODE_PLAN",
+    "NOT_A_ROUTER",
+    "ModeRun",
+    "evaluate_benchmarks",
+    "plan_runs",
+]
 
 NOT_A_ROUTER = -1.0  # router_p of every row that is not a random_router run
 
@@ -116,6 +129,8 @@ def evaluate_benchmarks(
             mode=run.decoder_mode,
             router_p=max(run.router_p, 0.0),
         )
+        if run.decoder_mode in UNBUDGETED:
+            cfg = dataclasses.replace(cfg, max_teacher_tokens=None, max_calls=None)
         graded = decode_problems(
             decoders[run.student_role],
             list(benchmarks[name]),
