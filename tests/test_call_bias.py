@@ -107,6 +107,23 @@ def test_biased_greedy_tokens_are_those_of_biased_recomputation(
     assert again.tokens == biased_reference(model, ctx[1] + got[1].tokens[:3], 5, biases[1])
 
 
+@pytest.mark.parametrize("big", [1e308, 1e39, 1e7])
+@pytest.mark.parametrize("temperature", [0.0, 1e-5, 5.0])
+def test_huge_finite_biases_act_like_the_cap_without_overflow(
+    tiny_models, tokenizer, big, temperature
+):
+    """A finite bias past float32 (the server fuzz found 1e308 failing a batch with an
+    overflow) is applied as MAX_FINITE_BIAS: decisive, never inf or NaN."""
+    backend = TransformersBackend(tiny_models[0])
+    ctx = ids(tokenizer, PROMPTS[0])
+    o = open_id(tokenizer)
+    sampling = Sampling(temperature=temperature)
+    up = backend.generate([GenRequest(0, ctx, 6, gens(0, 1)[0], {o: big})], sampling=sampling)
+    assert up[0].tokens == [o] * 6
+    down = backend.generate([GenRequest(1, ctx, 6, gens(0, 1)[0], {o: -big})], sampling=sampling)
+    assert o not in down[0].tokens
+
+
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
 def test_plus_inf_forces_and_minus_inf_bans_under_hot_sampling(tiny_models, tokenizer, use_cache):
     backend = TransformersBackend(tiny_models[0], use_cache=use_cache)

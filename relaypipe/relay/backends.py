@@ -141,6 +141,12 @@ def check_logit_bias(bias: Mapping[int, float] | None, vocab_size: int | None = 
             )
 
 
+# A finite logit bias acts as at most this much: larger finite values (up to a double's 1e308)
+# would overflow float32, or turn to inf once divided by a low temperature; no logit gap a model
+# produces comes near it, so the pick is the same.
+MAX_FINITE_BIAS = 1e6
+
+
 class _LogitBias:
     """The logit biases of a batch as dense rows, applied to each step's logits.
 
@@ -156,8 +162,10 @@ class _LogitBias:
             for tok, value in (bias or {}).items():
                 if value == math.inf:
                     self.force[row, tok] = True
-                else:
+                elif value == -math.inf:
                     self.add[row, tok] = value
+                else:  # beyond float32 (or a hot temperature's division); decisive already
+                    self.add[row, tok] = max(-MAX_FINITE_BIAS, min(MAX_FINITE_BIAS, value))
         self.any_force = bool(self.force.any())
         self.add, self.force = self.add.to(dev), self.force.to(dev)
 
