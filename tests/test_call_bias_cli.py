@@ -457,7 +457,8 @@ def eval_params(dirs: Path, root: Path, out: Path, **kw) -> evaluate.EvaluatePar
 
 
 def run_report(out: Path) -> tuple[dict, str]:
-    report.run(
+    """summary.json (the full report) and report.md; metrics.json is checked against them."""
+    headline = report.run(
         report.ReportParams(
             requests=str(out / "eval" / "requests.parquet"),
             models=str(out / "eval" / "models.json"),
@@ -465,7 +466,16 @@ def run_report(out: Path) -> tuple[dict, str]:
             out_dir=str(out / "eval"),
         )
     )
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    metrics = json.loads((out / "eval" / "summary.json").read_text())
+    assert json.loads((out / "eval" / "metrics.json").read_text()) == headline
+    calibration = metrics["calibration"]
+    if calibration is None:
+        assert "calibration" not in headline
+    else:
+        assert headline["calibration"] == {
+            "target_share": calibration["target_share"],
+            "realised_share": calibration["average"]["share"],
+        }
     return metrics, (out / "eval" / "report.md").read_text()
 
 

@@ -5,7 +5,8 @@ trained for one step (it never writes an answer line), a random student whose wa
 reference rows only, an SFT run at learning rate 0, a GRPO run whose reward is constant. The
 stage must fail with a message naming the cause and the param, leave its previous outputs
 byte-identical, and, with ``allow_degenerate: true``, go on and record the warning in its
-metrics.json, from where the report stage puts it at the top of report.md. The report's cost
+metrics.json, from where the report stage puts it at the top of report.md (and in summary.json;
+its metrics.json counts them). The report's cost
 reductions are null with a reason when there is nothing to compare.
 """
 
@@ -244,7 +245,8 @@ def test_warmup_table_of_reference_rows_only_fails_then_is_reported(workdir, tmp
     # the report stage carries the kept run's warning to the top of report.md
     params = report_inputs(tmp_path, benchmark("b1"), stage_metrics=[str(out / "metrics.json")])
     headline = report.run(params)
-    assert headline["warnings"] == [warning]
+    assert headline["warnings"] == 1  # metrics.json counts them; summary.json has the text
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["warnings"] == [warning]
     md = (tmp_path / "out" / "report.md").read_text()
     assert md.index("## Warnings: this run is degenerate") < md.index("| mode |")
     assert f"- {warning}" in md
@@ -430,8 +432,10 @@ COSTS = ("cost_reduction_vs_matched_router", "cost_reduction_vs_matched_router_f
 )
 def test_report_has_no_cost_reduction_when_nothing_compares(tmp_path, kw, why):
     params = report_inputs(tmp_path, benchmark("b1", **kw) + benchmark("b2", **kw))
-    report.run(params)
-    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    headline = report.run(params)
+    m = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert headline["cost_reduction"] is None and headline["cost_reduction_flops"] is None
+    assert headline["warnings"] == len(m["warnings"])
     for key in COSTS:
         assert m[key] is None and why in m["notes"][key], m["notes"]
         for b in ("b1", "b2"):
@@ -449,5 +453,5 @@ def test_report_has_no_cost_reduction_when_nothing_compares(tmp_path, kw, why):
 def test_report_of_a_healthy_relay_has_no_warnings(tmp_path):
     params = report_inputs(tmp_path, benchmark("b1"))
     headline = report.run(params)
-    assert headline["warnings"] == [] and headline["cost_reduction_vs_matched_router"] > 0
+    assert headline["warnings"] == 0 and headline["cost_reduction"] > 0
     assert "## Warnings" not in (tmp_path / "out" / "report.md").read_text()

@@ -99,7 +99,7 @@ def test_every_mode_on_every_benchmark_then_report(tmp_path, model_dirs):
             out_dir=str(tmp_path / "eval"),
         )
     )
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert set(metrics["benchmarks"]) == {"arith-d1t3", "arith-d1t4"}
     assert metrics["modes"]["teacher"]["call_ratio"] == 1.0
 

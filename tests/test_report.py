@@ -1,5 +1,6 @@
-"""The report: metrics.json shape and headline numbers from a small synthetic requests table,
-report.md's paper-shaped table, the PNG, and a bad table refused with nothing written."""
+"""The report: summary.json shape and headline numbers from a small synthetic requests table,
+metrics.json's few headline scalars (DVC's columns), report.md's paper-shaped table, the PNG,
+and a bad table refused with nothing written."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pandas as pd
 import pytest
 
 from relaypipe.evaluate.cost import wilson_interval
+from relaypipe.evaluate.report import build_metrics
 from relaypipe.io import SchemaViolation, write_json, write_table
 from relaypipe.schemas import EvalRequestSchema
-from relaypipe.stages.report import Prices, ReportParams, run
+from relaypipe.stages.inputs import StageInputError
+from relaypipe.stages.report import Prices, ReportParams, read_inputs, run
 
 # student 100 parameters, teacher 1,000; FLOPs = 2 * N * (generated + prefilled) per model.
 MODELS_JSON = {
@@ -70,13 +73,16 @@ def benchmark_rows(name: str, relay_correct=(1, 1, 0, 0)) -> list[dict]:
     ]
 
 
-def write_inputs(tmp_path: Path, table: list[dict]) -> ReportParams:
+def write_inputs(
+    tmp_path: Path, table: list[dict], models: dict = MODELS_JSON, stage_metrics=()
+) -> ReportParams:
     write_table(pd.DataFrame(table), tmp_path / "requests.parquet", EvalRequestSchema)
-    write_json(tmp_path / "models.json", MODELS_JSON)
+    write_json(tmp_path / "models.json", models)
     return ReportParams(
         prices=Prices(),
         requests=str(tmp_path / "requests.parquet"),
         models=str(tmp_path / "models.json"),
+        stage_metrics=list(stage_metrics),
         out_dir=str(tmp_path / "out"),
     )
 
@@ -85,7 +91,7 @@ def test_metrics_shape_and_headline_numbers(tmp_path):
     params = write_inputs(tmp_path, benchmark_rows("b1") + benchmark_rows("b2"))
     run(params)
     out = tmp_path / "out"
-    m = json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "summary.json").read_text())
     modes = ("student", "warmup", "relay", "teacher_free", "teacher", "random_router")
     keys = (
         "accuracy",
@@ -144,14 +150,15 @@ def test_macro_average_is_unweighted_over_benchmarks(tmp_path):
     # b2's relay gets 1 of 4: macro accuracy (0.5 + 0.25) / 2
     params = write_inputs(tmp_path, benchmark_rows("b1") + benchmark_rows("b2", (1, 0, 0, 0)))
     m = json.loads(json.dumps(run(params)))
-    assert m["accuracy"]["relay"] == pytest.approx(0.375)
+    assert m["relay_accuracy"] == pytest.approx(0.375)
+    assert m == json.loads((tmp_path / "out" / "metrics.json").read_text())
 
 
 def test_relay_below_the_router_curve_gives_null_and_a_reason(tmp_path):
     # relay 0 of 4, below the student alone (p = 0, 0.25): no performance-matched router
     params = write_inputs(tmp_path, benchmark_rows("b1", (0, 0, 0, 0)))
     run(params)
-    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert m["cost_reduction_vs_matched_router"] is None
     assert m["cost_reduction_vs_matched_router_flops"] is None
     assert m["matched_router"] is None
@@ -159,6 +166,9 @@ def test_relay_below_the_router_curve_gives_null_and_a_reason(tmp_path):
     assert m["gap_recovered"] == pytest.approx(-1 / 3, abs=1e-6)  # (0 - 0.25) / 0.75
     md = (tmp_path / "out" / "report.md").read_text()
     assert "null" in md and "never extrapolated" in md
+    headline = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert headline["cost_reduction"] is None and headline["cost_reduction_flops"] is None
+    assert headline["gap_recovered"] == m["gap_recovered"]
 
 
 def test_report_refuses_a_bad_requests_table_and_writes_nothing(tmp_path):
@@ -172,4 +182,155 @@ def test_report_refuses_a_bad_requests_table_and_writes_nothing(tmp_path):
     message = str(err.value)
     assert "teacher_tokens" in message and "row 2" in message
     assert "router_p in [0, 1] for random_router rows" in message
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ metrics.json: the headline
+
+
+def flat(value, prefix=""):
+    """Leaves of a JSON value by dotted name, as DVC flattens a metrics file into columns
+    (lists flattened by index too, the stricter count)."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    out = {}
+    for k, v in items:
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+SFT_METRICS = {
+    "bootstrap": {"accuracy": 0.25, "call_ratio": 0.0},
+    "warmup": {"accuracy": 0.25, "call_ratio": 0.0},
+    "warmup_relay": {"accuracy": 0.4167, "call_ratio": 0.05},
+    "accuracy_drop_teacher_free": 0.0,
+    "warnings": [],
+}
+GRPO_METRICS = {
+    "relay": {"accuracy": 0.5833, "call_ratio": 0.1},
+    "teacher_free": {"accuracy": 0.25, "call_ratio": 0.0},
+    "gap_recovered": 0.4444,
+    "warnings": ["grpo: kept a degenerate run"],
+}
+BENCHMARKS_3 = ("b1", "b2", "b3")
+
+
+def three_benchmarks(tmp_path: Path, models: dict = MODELS_JSON, **stages: dict) -> ReportParams:
+    """b2's relay gets 3 of 4 (gap recovered 2/3), the others 2 of 4 (1/3)."""
+    paths = []
+    for stage, metrics in stages.items():
+        path = tmp_path / stage / "metrics.json"
+        write_json(path, metrics)
+        paths.append(str(path))
+    table = [
+        *benchmark_rows("b1"),
+        *benchmark_rows("b2", (1, 1, 1, 0)),
+        *benchmark_rows("b3"),
+    ]
+    return write_inputs(tmp_path, table, models, stage_metrics=paths)
+
+
+def test_metrics_json_holds_a_few_headline_scalars_and_summary_json_the_rest(tmp_path):
+    params = three_benchmarks(tmp_path, sft=SFT_METRICS, grpo=GRPO_METRICS)
+    returned = run(params)
+    out = tmp_path / "out"
+    headline = json.loads((out / "metrics.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert returned == headline
+
+    # summary.json is exactly what build_metrics returns (written the same way)
+    requests, models, upstream, decoding, _ = read_inputs(params)
+    expected = build_metrics(requests, models, params.confidence, upstream, decoding)
+    write_json(tmp_path / "expected.json", expected)
+    assert (out / "summary.json").read_text() == (tmp_path / "expected.json").read_text()
+    assert len(flat(summary)) > 100  # what DVC showed before, one column per leaf
+
+    leaves = flat(headline)
+    assert len(leaves) <= 13, sorted(leaves)
+    assert set(leaves) == {
+        "relay_accuracy",
+        "teacher_share",
+        "gap_recovered",
+        "cost_reduction",
+        "cost_reduction_flops",
+        *(f"gap_recovered_by_benchmark.{b}" for b in BENCHMARKS_3),
+        "student_accuracy",
+        "teacher_accuracy",
+        "warmup_relay_accuracy",
+        "grpo_relay_accuracy",
+        "warnings",
+    }
+    assert all(v is None or isinstance(v, int | float) for v in leaves.values())
+    # gap recovered, per benchmark and on average, as summary.json has it
+    assert headline["gap_recovered_by_benchmark"] == {
+        b: summary["headline_by_benchmark"][b]["gap_recovered"] for b in BENCHMARKS_3
+    }
+    assert headline["gap_recovered_by_benchmark"]["b2"] == pytest.approx(2 / 3, abs=1e-5)
+    assert headline["gap_recovered"] == summary["gap_recovered"]
+    assert headline["gap_recovered"] == pytest.approx(4 / 9, abs=1e-5)  # (7/12 - 1/4) / (3/4)
+    assert headline["cost_reduction"] == summary["cost_reduction_vs_matched_router"]
+    assert headline["cost_reduction_flops"] == summary["cost_reduction_vs_matched_router_flops"]
+    relay = summary["modes"]["relay"]
+    assert headline["relay_accuracy"] == relay["accuracy"]
+    assert headline["teacher_share"] == relay["call_ratio"] == pytest.approx(0.1)
+    assert headline["student_accuracy"] == summary["modes"]["student"]["accuracy"] == 0.25
+    assert headline["teacher_accuracy"] == summary["modes"]["teacher"]["accuracy"] == 1.0
+    # the training stages' end-of-stage relay accuracy
+    assert headline["warmup_relay_accuracy"] == 0.4167
+    assert headline["grpo_relay_accuracy"] == 0.5833
+    # a count of the warnings, whose text is in summary.json and report.md
+    assert summary["warnings"] == ["grpo: kept a degenerate run"]
+    assert headline["warnings"] == 1
+    assert "calibration" not in headline and summary["calibration"] is None
+
+
+def test_metrics_json_has_the_calibration_only_when_evaluate_calibrated(tmp_path):
+    calibration = {
+        "target_share": 0.1,
+        "tol": 0.05,
+        "bias": 1.5,
+        "share": 0.12,
+        "accuracy": 0.5,
+        "reached": True,
+        "n_problems": 12,
+    }
+    models = {**MODELS_JSON, "decoding": {"call_bias": 1.5, "calibration": calibration}}
+    headline = run(three_benchmarks(tmp_path, models, sft=SFT_METRICS, grpo=GRPO_METRICS))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert headline["calibration"] == {
+        "target_share": 0.1,
+        "realised_share": summary["calibration"]["average"]["share"],
+    }
+    assert headline["calibration"]["realised_share"] == pytest.approx(0.1)
+    assert len(flat(headline)) <= 13 + 2
+    assert headline == json.loads((tmp_path / "out" / "metrics.json").read_text())
+
+
+def test_metrics_json_without_training_metrics_leaves_their_numbers_out(tmp_path):
+    """A stage that never ran (its metrics file missing) gives no key; nothing warned."""
+    params = three_benchmarks(tmp_path)
+    params = ReportParams(
+        requests=params.requests,
+        models=params.models,
+        stage_metrics=[str(tmp_path / "sft" / "metrics.json"), str(tmp_path / "grpo/x.json")],
+        out_dir=params.out_dir,
+    )
+    headline = run(params)
+    assert "warmup_relay_accuracy" not in headline and "grpo_relay_accuracy" not in headline
+    assert headline["warnings"] == 0
+    assert len(flat(headline)) == 11
+
+
+def test_training_metrics_without_their_number_are_refused_and_nothing_written(tmp_path):
+    broken = {k: v for k, v in SFT_METRICS.items() if k != "warmup_relay"}
+    params = three_benchmarks(tmp_path, sft=broken, grpo=GRPO_METRICS)
+    with pytest.raises(StageInputError) as err:
+        run(params)
+    message = str(err.value)
+    assert str(tmp_path / "sft" / "metrics.json") in message
+    assert "'warmup_relay.accuracy' must be a number" in message and "sft stage" in message
     assert not (tmp_path / "out").exists()

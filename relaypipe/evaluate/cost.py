@@ -152,7 +152,7 @@ def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tup
     return low, high
 
 
-# Per-request means reported per mode (and what report.md and metrics.json call them).
+# Per-request means reported per mode (and what report.md and summary.json call them).
 MEAN_COLUMNS: tuple[str, ...] = (
     "student_tokens",
     "teacher_tokens",

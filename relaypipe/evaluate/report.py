@@ -1,9 +1,13 @@
-"""From per-request rows to the reported numbers: metrics.json, the trade-off plot, report.md.
+"""From per-request rows to the reported numbers: summary.json, metrics.json, the trade-off
+plot, report.md.
 
 Library code of the ``report`` stage (``python -m relaypipe.stages.report``); cost definitions
-are in relaypipe/evaluate/cost.py.
+are in relaypipe/evaluate/cost.py. The stage writes two JSON files: ``summary.json``, everything
+below (:func:`build_metrics`; report.md and the plots are drawn from it), and ``metrics.json``,
+the DVC metric: a dozen headline scalars taken from it (:func:`headline_metrics`, shape there),
+so that ``dvc exp show`` stays narrow.
 
-Shape of the metrics (``M`` = accuracy, accuracy_ci_low/high, call_ratio, teacher_tokens,
+Shape of the summary (``M`` = accuracy, accuracy_ci_low/high, call_ratio, teacher_tokens,
 student_tokens, teacher_prefill_tokens, teacher_context_tokens, flops, flops_uncached, cost_usd,
 cost_usd_uncached, latency_s, ...; token, FLOP, money and latency values are means per request):
 
@@ -17,12 +21,15 @@ cost_usd_uncached, latency_s, ...; token, FLOP, money and latency values are mea
   interpolated to the relay's macro accuracy (the paper's teacher-token measure), and
   ``..._flops`` the same on total FLOPs per request. ``matched_router`` holds that point.
 * ``headline_by_benchmark.<name>``: the three headline numbers per benchmark.
+* ``router_curve.<average|name>``: the router sweep, in p order, anchored by the student at
+  p = 0 and the teacher at p = 1.
 * ``notes.<key>``: why a number is null. A relay accuracy outside the router curve's accuracy
   range (below the student, i.e. p = 0, or above the best point) has no performance-matched
   router: the reduction is null, never extrapolated. So is a relay matched at call ratio 0
   (no more accurate than the student alone), a relay that made no teacher calls, and, with
   ``gap_recovered``, a teacher no better than the student: nothing to compare, never a
   negative "reduction".
+* ``confidence``: of the Wilson intervals.
 * ``call_bias``: the relay mode's call bias (models.json ``decoding.call_bias``; 0 when it has
   none), and ``calibration``: null unless evaluate calibrated it (``evaluate.calibrate``), else
   the target teacher share, the bias, the share on the held-out problems (``held_out``) and the
@@ -57,7 +64,16 @@ from relaypipe.evaluate.suite import NOT_A_ROUTER
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODE_ORDER", "build_metrics", "plot_points", "render_markdown", "render_png"]
+__all__ = [
+    "MODE_ORDER",
+    "TRAINING_HEADLINE",
+    "build_metrics",
+    "headline_metrics",
+    "plot_points",
+    "render_markdown",
+    "render_png",
+    "training_number",
+]
 
 # Row order of the report (the paper's: baselines, the method, the teacher last).
 MODE_ORDER = ("student", "warmup", "teacher_free", "random_router", "relay", "teacher")
@@ -173,7 +189,7 @@ def _calibration(
     benchmarks: Mapping[str, Mapping[str, dict[str, float]]],
     macro: Mapping[str, dict[str, float]],
 ) -> dict[str, Any] | None:
-    """metrics.json's ``calibration``: the target against the relay's realised shares."""
+    """summary.json's ``calibration``: the target against the relay's realised shares."""
     if calibration is None:
         return None
     target = float(calibration["target_share"])
@@ -207,7 +223,7 @@ def build_metrics(
     upstream_warnings: Sequence[str] = (),
     decoding: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json's content (see the module docstring) from an EvalRequestSchema table.
+    """summary.json's content (see the module docstring) from an EvalRequestSchema table.
 
     ``upstream_warnings``: what earlier stages recorded under ``warnings`` (runs they kept
     because of ``allow_degenerate``); they head the report's own warnings. ``decoding``:
@@ -275,6 +291,85 @@ def build_metrics(
         ],
     }
     return metrics
+
+
+# The training stages' headline numbers: metrics.json key -> (stage, path in its metrics file).
+# sft's and grpo's end-of-stage checks measure the relay accuracy of their model on held-out
+# eval problems (relaypipe/stages/sft.py check_warmup, relaypipe/stages/grpo.py check_relay).
+TRAINING_HEADLINE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "warmup_relay_accuracy": ("sft", ("warmup_relay", "accuracy")),
+    "grpo_relay_accuracy": ("grpo", ("relay", "accuracy")),
+}
+
+
+def training_number(metrics: Mapping[str, Any], path: Sequence[str]) -> float | None:
+    """The number at ``path`` in a stage's metrics, or None when it has none there."""
+    value: Any = metrics
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _accuracy(modes: Mapping[str, Any], mode: str) -> float | None:
+    values = modes.get(mode)
+    return None if values is None else values["accuracy"]
+
+
+def headline_metrics(
+    summary: Mapping[str, Any], stage_summaries: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """metrics.json, the DVC metric: the headline scalars of ``summary`` (what
+    :func:`build_metrics` returns, summary.json) and of the training stages, a dozen columns
+    in ``dvc exp show`` rather than hundreds.
+
+    ``stage_summaries``: the earlier stages' metrics files by stage name (``sft``, ``grpo``,
+    ...); a stage not in it (its file missing: it never ran) gives no key. Shape:
+
+    * ``relay_accuracy``, ``teacher_share`` (the relay's share of generated tokens written by
+      the teacher, the paper's call ratio), ``student_accuracy``, ``teacher_accuracy``: macro
+      averages over benchmarks (summary.json ``modes.<mode>``);
+    * ``gap_recovered``, ``cost_reduction`` (teacher-token share against the random router
+      matched in accuracy), ``cost_reduction_flops``: on macro averages (summary.json
+      ``gap_recovered``, ``cost_reduction_vs_matched_router``, ``..._flops``);
+    * ``gap_recovered_by_benchmark.<name>``: summary.json ``headline_by_benchmark``;
+    * ``warmup_relay_accuracy`` (sft), ``grpo_relay_accuracy`` (grpo): the relay accuracy their
+      end-of-stage checks measured (see TRAINING_HEADLINE);
+    * ``warnings``: how many warnings summary.json (and report.md) holds;
+    * ``calibration`` (only when evaluate calibrated the call bias): ``target_share`` and
+      ``realised_share`` (the relay's macro teacher share).
+
+    A null means summary.json has no value: its ``notes`` say why (a mode not evaluated at all
+    has no note: it is simply absent from summary.json's ``modes``).
+    """
+    modes = summary["modes"]
+    relay = modes.get("relay")
+    out: dict[str, Any] = {
+        "relay_accuracy": _accuracy(modes, "relay"),
+        "teacher_share": None if relay is None else relay["call_ratio"],
+        "gap_recovered": summary["gap_recovered"],
+        "cost_reduction": summary["cost_reduction_vs_matched_router"],
+        "cost_reduction_flops": summary["cost_reduction_vs_matched_router_flops"],
+        "gap_recovered_by_benchmark": {
+            name: h["gap_recovered"] for name, h in summary["headline_by_benchmark"].items()
+        },
+        "student_accuracy": _accuracy(modes, "student"),
+        "teacher_accuracy": _accuracy(modes, "teacher"),
+    }
+    for key, (stage, path) in TRAINING_HEADLINE.items():
+        if stage_summaries and stage in stage_summaries:
+            out[key] = training_number(stage_summaries[stage], path)
+    out["warnings"] = len(summary["warnings"])
+    calibration = summary.get("calibration")
+    if calibration is not None:
+        out["calibration"] = {
+            "target_share": calibration["target_share"],
+            "realised_share": calibration["average"]["share"],
+        }
+    return _round(out)
 
 
 def _macro(

@@ -3,17 +3,25 @@
 Run: ``python -m relaypipe.stages.report`` (reads ``params.yaml:report``) or
 ``dvc repro report``; ``dvc metrics show`` and ``dvc plots show`` read what it writes.
 Reads ``data/eval/requests.parquet`` (EvalRequestSchema) and ``data/eval/models.json`` (from
-``evaluate``). Writes, all under ``data/eval/``:
+``evaluate``), and the earlier stages' metrics files (``stage_metrics``: their warnings, and
+sft's and grpo's headline accuracy). Writes, all under ``data/eval/``:
 
-* ``metrics.json``: ``modes.<mode>.<metric>`` (macro average over benchmarks),
+* ``summary.json``: everything the report computed (a plain output, not a DVC metric):
+  ``modes.<mode>.<metric>`` (macro average over benchmarks),
   ``calibration`` (when evaluate calibrated the relay's call bias: the target teacher share
   against the realised one on each benchmark and on average, and their difference),
   ``benchmarks.<name>.<mode>.<metric>``, ``gap_recovered``, ``cost_reduction_vs_matched_router``
   (teacher-token share, the paper's measure), ``cost_reduction_vs_matched_router_flops``, with
-  95 % Wilson intervals for every accuracy, ``notes`` saying why any number is null
-  (nothing to compare: no matched router, a relay that never called, no gap) and ``warnings``
-  (those the earlier stages recorded in ``stage_metrics``, plus the report's own; they head
-  report.md) (relaypipe/evaluate/report.py has the full shape);
+  95 % Wilson intervals for every accuracy, ``router_curve``, ``notes`` saying why any number
+  is null (nothing to compare: no matched router, a relay that never called, no gap) and
+  ``warnings`` (those the earlier stages recorded in ``stage_metrics``, plus the report's own;
+  they head report.md) (relaypipe/evaluate/report.py has the full shape);
+* ``metrics.json``: the DVC metric, headline scalars only (about a dozen columns in
+  ``dvc exp show``): the relay's, student's and teacher's average accuracy, the relay's teacher
+  share, gap recovered (on average and per benchmark), the two cost reductions, sft's and grpo's
+  relay accuracy, the number of warnings and, when calibrated, the target and realised teacher
+  share (relaypipe/evaluate/report.py ``headline_metrics`` has the shape; nulls are explained
+  in summary.json's ``notes``);
 * ``plots/tradeoff.json``: accuracy against call ratio for every mode and router p (DVC plot);
 * ``tradeoff.png``: the same drawn with matplotlib, per benchmark and averaged;
 * ``report.md``: the paper-shaped table (rows: modes; columns: benchmarks + average; call % in
@@ -23,7 +31,7 @@ Departures from the paper: cost counts teacher prefill (with and without prefix 
 FLOPs, money and latency besides the generated-token share; the matched router is interpolated
 without extrapolation (null + reason outside the sweep), see relaypipe/evaluate/cost.py.
 
-Its inputs are checked first (relaypipe/stages/inputs.py) and its four outputs are
+Its inputs are checked first (relaypipe/stages/inputs.py) and its five outputs are
 published together (relaypipe/publish.py).
 """
 
@@ -36,7 +44,15 @@ from pathlib import Path
 import pandas as pd
 
 from relaypipe.evaluate.cost import CostModel, ModelCost, Price
-from relaypipe.evaluate.report import build_metrics, plot_points, render_markdown, render_png
+from relaypipe.evaluate.report import (
+    TRAINING_HEADLINE,
+    build_metrics,
+    headline_metrics,
+    plot_points,
+    render_markdown,
+    render_png,
+    training_number,
+)
 from relaypipe.publish import together
 from relaypipe.schemas import EvalRequestSchema
 from relaypipe.stages.common import stage_params
@@ -45,6 +61,7 @@ from relaypipe.stages.inputs import StageInputError, check_json, check_table
 log = logging.getLogger(__name__)
 
 # Where bootstrap, filter, warmup_data, sft and grpo record their metrics (and warnings).
+# Which stage wrote a file is told by its name (bootstrap.json) or its folder (see _stage_name).
 STAGE_METRICS = (
     "data/models/bootstrap.json",
     "data/filter/metrics.json",
@@ -68,7 +85,8 @@ class ReportParams:
     confidence: float = 0.95  # of the Wilson intervals
     requests: str = "data/eval/requests.parquet"
     models: str = "data/eval/models.json"
-    # earlier stages' metrics: their ``warnings`` head report.md (a missing file is skipped)
+    # earlier stages' metrics: their ``warnings`` head report.md, sft's and grpo's relay
+    # accuracy goes to metrics.json (a missing file is skipped)
     stage_metrics: list[str] = field(default_factory=lambda: list(STAGE_METRICS))
     out_dir: str = "data/eval"
 
@@ -92,21 +110,31 @@ def cost_models(models: dict, prices: Prices) -> dict[str, CostModel]:
         raise ValueError(f"models.json lacks {err}: re-run the evaluate stage") from err
 
 
-def _stage_of(path: str) -> str:
-    """Which stage writes a stage-metrics file (by its name, as in STAGE_METRICS)."""
+_STAGE_BY_FOLDER = {"filter": "filter", "warmup": "warmup_data", "sft": "sft", "grpo": "grpo"}
+
+
+def _stage_name(path: str) -> str | None:
+    """Which stage writes a stage-metrics file (by its name, as in STAGE_METRICS), if known."""
     p = Path(path)
     if p.name == "bootstrap.json":
-        return "the bootstrap stage"
-    stage = {"filter": "filter", "warmup": "warmup_data", "sft": "sft", "grpo": "grpo"}.get(
-        p.parent.name
-    )
+        return "bootstrap"
+    return _STAGE_BY_FOLDER.get(p.parent.name)
+
+
+def _stage_of(path: str) -> str:
+    """Which stage writes a stage-metrics file, in words."""
+    stage = _stage_name(path)
     return f"the {stage} stage" if stage else "the stage that writes it"
 
 
-def stage_warnings(paths: list[str]) -> list[str]:
-    """The ``warnings`` that earlier stages recorded: runs kept with ``allow_degenerate``.
-    A missing file is skipped (that stage has not run); a broken one fails, naming it."""
-    out: list[str] = []
+def read_stage_metrics(paths: list[str]) -> tuple[list[str], dict[str, dict]]:
+    """The ``warnings`` that earlier stages recorded (runs kept with ``allow_degenerate``) and
+    their metrics by stage name (for metrics.json's training headline: sft's and grpo's must
+    hold their number, see TRAINING_HEADLINE). A missing file is skipped (that stage has not
+    run); a broken one fails, naming it."""
+    warnings_out: list[str] = []
+    by_stage: dict[str, dict] = {}
+    needed = {stage: (key, path) for key, (stage, path) in TRAINING_HEADLINE.items()}
     for path in paths:
         if not Path(path).is_file():
             log.info("%s not found: no warnings from it", path)
@@ -119,8 +147,18 @@ def stage_warnings(paths: list[str]) -> list[str]:
                 f"{path} (report.stage_metrics): 'warnings' must be a list of strings, got "
                 f"{warnings!r}; it is written by {made_by}: re-run it"
             )
-        out += [str(w) for w in warnings]
-    return out
+        warnings_out += [str(w) for w in warnings]
+        stage = _stage_name(path)
+        if stage is None:
+            continue
+        if stage in needed and training_number(data, needed[stage][1]) is None:
+            raise StageInputError(
+                f"{path} (report.stage_metrics): '{'.'.join(needed[stage][1])}' must be a "
+                f"number (metrics.json's {needed[stage][0]}); it is written by {made_by}: "
+                "re-run it"
+            )
+        by_stage[stage] = data
+    return warnings_out, by_stage
 
 
 CALIBRATION_KEYS = {
@@ -160,10 +198,12 @@ def decoding_of(raw: dict, path: str) -> dict:
     return decoding
 
 
-def read_inputs(params: ReportParams) -> tuple[pd.DataFrame, dict, list[str], dict]:
+def read_inputs(
+    params: ReportParams,
+) -> tuple[pd.DataFrame, dict, list[str], dict, dict[str, dict]]:
     """Every input, checked: the eval table (not empty), models.json (its cost models and its
     ``decoding``: the relay call bias and calibration) and the earlier stages' metrics (their
-    warnings)."""
+    warnings, and each by stage name)."""
     requests = check_table(
         params.requests,
         EvalRequestSchema,
@@ -193,37 +233,27 @@ def read_inputs(params: ReportParams) -> tuple[pd.DataFrame, dict, list[str], di
             f"{params.requests}: the two come from different evaluate runs; re-run evaluate"
         )
     decoding = decoding_of(raw, params.models)
-    return requests, models, stage_warnings(params.stage_metrics), decoding
+    upstream, stages = read_stage_metrics(params.stage_metrics)
+    return requests, models, upstream, decoding, stages
 
 
 def run(params: ReportParams) -> dict:
-    # Everything is read and computed before anything is written, and the four outputs land
+    """Write the report; returns metrics.json's content (the headline)."""
+    # Everything is read and computed before anything is written, and the five outputs land
     # together: a bad input or a failure anywhere leaves the previous report as it was.
-    requests, models, upstream, decoding = read_inputs(params)
-    metrics = build_metrics(requests, models, params.confidence, upstream, decoding)
-    markdown = render_markdown(metrics, "python -m relaypipe.stages.report")
-    png = render_png(metrics)
+    requests, models, upstream, decoding, stages = read_inputs(params)
+    summary = build_metrics(requests, models, params.confidence, upstream, decoding)
+    headline = headline_metrics(summary, stages)
+    markdown = render_markdown(summary, "python -m relaypipe.stages.report")
+    png = render_png(summary)
     out = Path(params.out_dir)
     with together() as pub:
-        pub.json(out / "plots" / "tradeoff.json", plot_points(metrics))
+        pub.json(out / "plots" / "tradeoff.json", plot_points(summary))
         pub.bytes(out / "tradeoff.png", png)
         pub.text(out / "report.md", markdown)
-        pub.json(out / "metrics.json", metrics)  # DVC's metric marks a finished report
-    headline = {
-        k: metrics[k]
-        for k in (
-            "gap_recovered",
-            "cost_reduction_vs_matched_router",
-            "cost_reduction_vs_matched_router_flops",
-        )
-    }
-    headline["accuracy"] = {m: v["accuracy"] for m, v in metrics["modes"].items()}
-    headline["warnings"] = metrics["warnings"]
-    if metrics["calibration"] is not None:
-        headline["calibration"] = {
-            k: metrics["calibration"][k] for k in ("target_share", "bias", "average")
-        }
-    for warning in metrics["warnings"]:
+        pub.json(out / "summary.json", summary)
+        pub.json(out / "metrics.json", headline)  # DVC's metric marks a finished report
+    for warning in summary["warnings"]:
         log.warning("%s", warning)
     return headline
 
