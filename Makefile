@@ -2,8 +2,8 @@
 #   make run    set up .venv if needed, then `dvc repro` the default (micro) preset, with one
 #               local Prefect server for all its stages (python -m flows repro; see
 #               docs/orchestration.md). Extra dvc repro arguments: make run ARGS="-f grpo"
-#               Another preset: make run PRESET=smollm2-cpu (params.yaml <- presets/NAME.yaml;
-#               PRESET=micro goes back to the default)
+#               Another preset: make run PRESET=smollm2-cpu (sets `preset:` in params.yaml,
+#               which dvc exp show records; PRESET=micro goes back to the default)
 #   make test   set up .venv if needed, then the test suite
 #   make lock   refresh constraints.txt (the exact versions setup installs and CI tests) from a
 #               fresh, unconstrained install of pyproject.toml's ranges

@@ -1,9 +1,9 @@
 """``python -m flows``: run DVC with one Prefect server for the whole run, or the pipeline flow.
 
     python -m flows repro [dvc repro args]    # what `make run` does
-    python -m flows repro --preset smollm2-cpu  # params.yaml <- presets/smollm2-cpu.yaml first
-    python -m flows exec -- dvc exp run -S grpo.cost_weight=0.3
-    python -m flows pipeline --set grpo.cost_weight=0.3 [--target grpo] [--no-push]
+    python -m flows repro --preset smollm2-cpu  # `preset: smollm2-cpu` in params.yaml first
+    python -m flows exec -- dvc exp run -S +overrides.grpo.cost_weight=0.3
+    python -m flows pipeline --set +overrides.grpo.cost_weight=0.3 [--target grpo] [--no-push]
     python -m flows stages                    # the stage -> module registry
 
 ``repro`` and ``exec``: every stage of a ``dvc repro`` is its own process and Prefect flow run.
@@ -81,47 +81,45 @@ def with_server(cmd: Sequence[str]) -> int:
             return 130
 
 
-PRESETS_DIR = "presets"
-
-
 class PresetError(errors.InputError):
     """A preset that cannot be applied; the message says why and what to do."""
 
 
 def apply_preset(name: str, repo: str = ".") -> bool:
-    """Make ``params.yaml`` the preset ``presets/<name>.yaml``; True when it changed.
+    """Set ``preset: <name>`` in ``params.yaml``; True when it changed.
 
-    params.yaml is only replaced when it holds no edits of the user's own: when it equals a
-    preset file already (including the one asked for) or is unchanged since the last commit.
-    Anything else is refused, so switching presets never loses work. DVC then sees the new
-    params like any other edit: ``dvc exp show`` and ``dvc params diff`` show what changed.
+    Only that line changes: comments and your ``overrides`` stay (configure then lays them over
+    the new preset, and fails with the dotted key if one does not fit it). DVC sees the change
+    like any other params edit, so ``dvc exp show`` and ``dvc params diff`` show the preset.
     """
+    import re
     from pathlib import Path
 
-    root = Path(repo)
-    presets = sorted(p.stem for p in (root / PRESETS_DIR).glob("*.yaml"))
-    source = root / PRESETS_DIR / f"{name}.yaml"
-    if name not in presets:
-        raise PresetError(f"no preset {name!r}; choose one of {', '.join(presets)}")
-    params = root / "params.yaml"
-    wanted = source.read_text()
-    current = params.read_text() if params.exists() else ""
-    if current == wanted:
-        return False
-    known = {(root / PRESETS_DIR / f"{p}.yaml").read_text() for p in presets}
-    committed = subprocess.run(
-        ["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True
-    )
-    if committed.returncode == 0:
-        known.add(committed.stdout)
-    if current and current not in known:
+    import yaml
+
+    from relaypipe.presets import preset_names
+
+    params = Path(repo) / "params.yaml"
+    names = preset_names(params)
+    if name not in names:
+        raise PresetError(f"no preset {name!r}; choose one of {', '.join(names)}")
+    text = params.read_text() if params.exists() else ""
+    data = yaml.safe_load(text) if text.strip() else {"preset": None}
+    if not isinstance(data, dict) or "preset" not in data:
         raise PresetError(
-            "params.yaml has edits of your own (it matches no preset and differs from the last "
-            "commit); commit or save them first, then apply the preset again, or run "
-            f"`cp {source} params.yaml` yourself"
+            f"{params} has no `preset:` key (it holds stage sections of its own); to run a "
+            f"preset, make it `preset: {name}` with your changes under `overrides:`"
         )
+    if data["preset"] == name:
+        return False
+    if text.strip():
+        new = re.sub(r"^preset:.*$", f"preset: {name}", text, count=1, flags=re.M)
+    else:
+        new = f"preset: {name}\noverrides: {{}}\n"
+    if (yaml.safe_load(new) or {}).get("preset") != name:
+        raise PresetError(f"{params}: could not set `preset: {name}`; edit the file by hand")
     tmp = params.with_name(".params.yaml.tmp")
-    tmp.write_text(wanted)
+    tmp.write_text(new)
     os.replace(tmp, params)
     return True
 
@@ -145,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     repro.add_argument(
         "--preset",
-        help="make params.yaml presets/NAME.yaml first (micro: the project's default); "
-        "none: params.yaml as it is",
+        help="set `preset: NAME` in params.yaml first (presets/NAME.yaml; micro: the "
+        "project's default); none: params.yaml as it is",
     )
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro")
     run = sub.add_parser("exec", help="any command with one Prefect server (after --)")
@@ -184,8 +182,8 @@ def run_command(args: argparse.Namespace, unknown: list[str]) -> int:
             changed = apply_preset(args.preset)  # PresetError: one line, exit 2
             if changed:
                 print(
-                    f"params.yaml is now presets/{args.preset}.yaml "
-                    "(make run PRESET=micro goes back to the default)",
+                    f"params.yaml: preset {args.preset} (your overrides kept; "
+                    "make run PRESET=micro goes back to the default)",
                     file=sys.stderr,
                 )
         dvc_args = [*unknown, *args.dvc_args]

@@ -3,11 +3,12 @@
 A stage runs ``python -m flows.stages <stage>``, which imports ``flows.stages`` and then
 ``relaypipe.stages.<stage>``; every project file those import, directly or through others, at
 module level or lazily inside a function, can change what the stage writes. DVC only re-runs a
-stage when one of its ``deps`` changes, so each of those files must be covered by a dep (the file
-itself or a folder above it). Otherwise editing it leaves the stage's outputs silently stale.
+stage when one of its deps changes. Stage ``configure`` (flows/configure.py) hashes each
+stage's closure into that stage's ``data/config/<stage>.yaml``, which is the stage's dep; so
+the closure is covered when configure's deps cover every file in it and every stage depends on
+its own config file. This module computes the closures and checks both:
 
-    python -m flows.deps --check    # exit 1 and list what each stage misses
-    python -m flows.deps --write    # rewrite the code deps of every stage in dvc.yaml
+    python -m flows.deps --check    # exit 1 and list what is not covered
 
 The closure is read from the source (``ast``), not by importing: an ``import a.b`` or ``from a
 import b`` anywhere in a module, ``try`` blocks and function bodies included, counts. It is a
@@ -100,10 +101,6 @@ def _covered(path: str, deps: list[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
 
 
-def _is_code(dep: str) -> bool:
-    return dep.split("/")[0] in PACKAGES
-
-
 def load_stages(dvc_yaml: Path) -> dict[str, list[str]]:
     from ruamel.yaml import YAML
 
@@ -111,76 +108,51 @@ def load_stages(dvc_yaml: Path) -> dict[str, list[str]]:
     return {name: [str(d) for d in stage.get("deps", [])] for name, stage in doc["stages"].items()}
 
 
+CONFIGURE = "configure"
+
+
+def config_dep(stage: str) -> str:
+    return f"data/config/{stage}.yaml"
+
+
 def missing(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> dict[str, list[str]]:
-    """Per stage, the imported project files no dep covers."""
+    """Per stage, what leaves its code uncovered: imported files configure's deps miss, or a
+    missing dep on its own config file."""
+    stages = load_stages(dvc_yaml)
+    watched = stages.get(CONFIGURE, [])
     out = {}
-    for stage, deps in load_stages(dvc_yaml).items():
-        uncovered = sorted(f for f in stage_closure(stage, root) if not _covered(f, deps))
-        if uncovered:
-            out[stage] = uncovered
+    for stage, deps in stages.items():
+        if stage == CONFIGURE:
+            files = closure(["flows.configure"], root) - set(EXEMPT)
+            problems = sorted(f for f in files if not _covered(f, watched))
+        else:
+            files = stage_closure(stage, root)
+            problems = [
+                f"{CONFIGURE} deps miss {f}" for f in sorted(files) if not _covered(f, watched)
+            ]
+            if config_dep(stage) not in deps:
+                problems.insert(0, f"no dep on {config_dep(stage)}")
+        if problems:
+            out[stage] = problems
+    if CONFIGURE not in stages:
+        out[CONFIGURE] = ["no configure stage"]
     return out
-
-
-def code_deps(stage: str, root: Path = ROOT) -> list[str]:
-    """The shortest dep list covering the closure: a package folder when every ``.py`` file in
-    it (recursively) is imported, the files themselves otherwise."""
-    files = stage_closure(stage, root)
-
-    def collapse(folder: Path) -> list[str]:
-        rels = [p.relative_to(root).as_posix() for p in sorted(folder.rglob("*.py"))]
-        if folder.parent != root and rels and all(r in files for r in rels):
-            return [folder.relative_to(root).as_posix()]
-        out = [
-            f.relative_to(root).as_posix()
-            for f in sorted(folder.glob("*.py"))
-            if f.relative_to(root).as_posix() in files
-        ]
-        for sub in sorted(p for p in folder.iterdir() if (p / "__init__.py").is_file()):
-            out.extend(collapse(sub))
-        return out
-
-    return [d for package in ("flows", "relaypipe") for d in collapse(root / package)]
-
-
-def write(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> None:
-    """Replace every stage's code deps in ``dvc_yaml`` (data deps and comments are kept)."""
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    yaml.width = 100
-    doc = yaml.load(dvc_yaml.read_text())
-    for name, stage in doc["stages"].items():
-        deps = stage["deps"]
-        data = [d for d in deps if not _is_code(str(d))]
-        del deps[:]
-        deps.extend(code_deps(name, root))
-        deps.extend(data)
-    tmp = dvc_yaml.with_name(dvc_yaml.name + ".tmp")
-    with tmp.open("w") as f:
-        yaml.dump(doc, f)
-    tmp.replace(dvc_yaml)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.deps", description=__doc__.split("\n")[0]
     )
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--check", action="store_true", help="list uncovered imports; exit 1 if any")
-    group.add_argument("--write", action="store_true", help="rewrite the code deps in dvc.yaml")
+    parser.add_argument(
+        "--check", action="store_true", required=True, help="list what is uncovered; exit 1 if any"
+    )
     parser.add_argument(
         "--dvc-yaml", type=Path, default=ROOT / "dvc.yaml", help="(default: %(default)s)"
     )
     args = parser.parse_args(argv)
-    if args.write:
-        write(args.dvc_yaml)
-        return 0
     gaps = missing(args.dvc_yaml)
     for stage, files in gaps.items():
-        print(f"{stage}: {len(files)} imported files not in its deps: {', '.join(files)}")
-    if gaps:
-        print("fix: python -m flows.deps --write", file=sys.stderr)
+        print(f"{stage}: {'; '.join(files)}")
     return 1 if gaps else 0
 
 

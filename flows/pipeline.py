@@ -12,8 +12,9 @@ Steps, each a Prefect task whose output lines stream into the run's logs:
    the working directory; ``repo_dir`` points elsewhere when needed.
 2. ``dvc pull --allow-missing`` from the repository's DVC remote: an empty remote (the first run
    anywhere) is not an error, the stages whose outputs are missing simply run.
-3. ``dvc repro [targets]``, or ``dvc exp run -S key=value ... [targets]`` when ``set_params`` is
-   given (``dvc repro`` takes no overrides; an experiment also records them next to its metrics
+3. ``dvc repro [targets]``, or ``dvc exp run -S ... [targets]`` when ``set_params`` is given
+   (``grpo.cost_weight=0.3`` becomes ``-S ++overrides.grpo.cost_weight=0.3``; ``preset=name``
+   picks a preset) (``dvc repro`` takes no overrides; an experiment also records them next to its metrics
    for ``dvc exp show``).
 4. ``dvc push``, and ``dvc exp push <git_remote> <exp>`` for an experiment when the repository
    has that git remote, so ``dvc exp show`` / ``dvc exp pull`` elsewhere see it.
@@ -150,6 +151,18 @@ def dvc_pull(repo: Path, remote: str | None, targets: list[str]) -> dict[str, An
     return {"lines": len(lines)}
 
 
+def dvc_override(setting: str) -> str:
+    """``stage.key=value`` -> ``++overrides.stage.key=value`` (params.yaml is a preset plus
+    overrides; ``++`` adds the key or changes it). Anything else (``preset=name``,
+    ``++overrides...``) goes to ``dvc exp run -S`` as it is."""
+    from flows.stages import STAGES
+
+    key = setting.split("=", 1)[0]
+    if key.split(".")[0] in STAGES:
+        return f"++overrides.{setting}"
+    return setting
+
+
 @task(name="dvc-run", persist_result=False, cache_policy=NO_CACHE)
 def dvc_run(
     repo: Path,
@@ -165,7 +178,7 @@ def dvc_run(
         if exp_name:
             cmd += ["--name", exp_name]
         for override in set_params:
-            cmd += ["-S", override]
+            cmd += ["-S", dvc_override(override)]
     else:
         cmd = [dvc_exe(), "repro"]
     if force:
@@ -230,7 +243,8 @@ def pipeline(
         repo_dir: the git + DVC repository (default: the working directory, where the
             deployment's pull step checked it out).
         targets: stages to reproduce with their upstream (default: the whole pipeline).
-        set_params: parameter overrides, ``"section.key=value"`` each, as ``dvc exp run -S``.
+        set_params: ``"stage.key=value"`` each (an override of the preset, as ``dvc exp run -S
+            ++overrides.stage.key=value``) or ``"preset=name"``.
         experiment: run ``dvc exp run`` (default: when ``set_params`` is given), else
             ``dvc repro``.
         exp_name: the experiment's name (default: DVC picks one).

@@ -38,9 +38,8 @@ from prefect import Flow, flow, get_run_logger, tags
 from prefect.context import FlowRunContext
 from prefect.states import Failed
 
-from relaypipe import errors
+from relaypipe import errors, presets
 from relaypipe.config import build
-from relaypipe.io import load_yaml_section
 
 # Stage name (= its params.yaml section and dvc.yaml stage) -> module with ``run(params)``.
 STAGES: dict[str, str] = {
@@ -70,7 +69,7 @@ def run_stage(stage: str, params_path: str = "params.yaml") -> dict[str, Any]:
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     cls = params_class(stage)
-    params = build(cls, load_yaml_section(params_path, stage), f"{params_path}:{stage}")
+    params = build(cls, presets.section(params_path, stage), presets.where(params_path, stage))
     return importlib.import_module(STAGES[stage]).run(params)
 
 

@@ -99,18 +99,18 @@ SMALL_PARAMS: dict[str, Any] = {
 
 
 def make_repo(dest: Path, params: dict[str, Any] | None = None) -> Path:
-    """A git repo with dvc.yaml, shrunk params.yaml and a copy of the packages (stage deps)."""
+    """A git repo with dvc.yaml, the presets, a copy of the packages (stage deps) and a
+    params.yaml of the micro preset shrunk by ``params`` (default :data:`SMALL_PARAMS`) as its
+    overrides."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, dest / name)
-    for package in ("relaypipe", "flows"):  # flows: dvc.yaml runs the stages through it
+    for package in ("relaypipe", "flows", "presets"):  # flows: dvc.yaml runs the stages
         shutil.copytree(
             ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__")
         )
-    full = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (dest / "params.yaml").write_text(
-        yaml.safe_dump(deep_update(full, params if params is not None else SMALL_PARAMS))
-    )
+    overrides = params if params is not None else SMALL_PARAMS
+    (dest / "params.yaml").write_text(yaml.safe_dump({"preset": "micro", "overrides": overrides}))
     sh("git", "init", "-q", "-b", "main", cwd=dest)
     sh("dvc", "init", "-q", cwd=dest)
     sh("dvc", "config", "core.analytics", "false", cwd=dest)

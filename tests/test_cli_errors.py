@@ -178,13 +178,15 @@ def test_dvc_repro_shows_the_stage_message(prefect_api_url, tmp_path):
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
-    assert "params.yaml:prepare: unknown key(s) n_trian" in output
+    # configure, the first stage, builds every stage's params before anything runs
+    assert "params.yaml (preset micro + overrides):prepare: unknown key(s) n_trian" in output
+    assert "Running stage 'prepare'" not in output
     assert "Traceback" not in output
     verbose = subprocess.run(
         [*cmd, "-v", "prepare"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
     )
     assert verbose.returncode != 0
-    assert 'relaypipe/config.py", line' in verbose.stdout + verbose.stderr  # the stage's
+    assert 'relaypipe/config.py", line' in verbose.stdout + verbose.stderr  # configure's
 
 
 # -- the traceback on demand --------------------------------------------------------------

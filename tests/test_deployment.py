@@ -196,7 +196,7 @@ def test_deployment_from_prefect_yaml_runs_on_a_process_worker(
     params = yaml.safe_load(
         run("git", "show", f"{exp_ref}:params.yaml", cwd=bare, env=cli_env).stdout
     )
-    assert params["prepare"]["n_train"] == N_TRAIN
+    assert params["overrides"]["prepare"]["n_train"] == N_TRAIN  # set_params -> ++overrides
     lock = yaml.safe_load(run("git", "show", f"{exp_ref}:dvc.lock", cwd=bare, env=cli_env).stdout)
     outs = {o["path"]: o["md5"] for o in lock["stages"]["prepare"]["outs"]}
 

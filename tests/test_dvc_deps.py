@@ -1,4 +1,5 @@
-"""Every project file a stage imports is one of its DVC deps, so editing it re-runs the stage."""
+"""Every project file a stage imports is covered by DVC: configure hashes it into the stage's
+config file (its dep), so editing it re-runs the stage."""
 
 from __future__ import annotations
 
@@ -18,12 +19,11 @@ def test_dvc_yaml_covers_every_stage_import_closure():
     gaps = deps.missing(ROOT / "dvc.yaml")
     assert not gaps, (
         "".join(f"\n{stage}: {', '.join(files)}" for stage, files in gaps.items())
-        + "\nfix: python -m flows.deps --write"
     )
 
 
 def test_every_stage_of_flows_is_a_dvc_stage():
-    assert set(deps.load_stages(ROOT / "dvc.yaml")) == set(STAGES)
+    assert set(deps.load_stages(ROOT / "dvc.yaml")) == {deps.CONFIGURE, *STAGES}
 
 
 @pytest.mark.parametrize(
@@ -93,30 +93,28 @@ def test_closure_follows_lazy_relative_and_from_imports(tmp_path):
     }
 
 
-def test_a_dropped_dep_is_reported_and_write_restores_it(tmp_path):
+def test_a_dropped_code_dep_of_configure_is_reported(tmp_path):
     dvc_yaml = tmp_path / "dvc.yaml"
     text = (ROOT / "dvc.yaml").read_text()
-    assert "      - relaypipe/train/rewards.py\n" in text or "      - relaypipe/train\n" in text
-    dropped = text.replace("      - relaypipe/train/rewards.py\n", "").replace(
-        "      - relaypipe/train\n", ""
-    )
-    dvc_yaml.write_text(dropped)
+    assert "      - relaypipe\n" in text
+    dvc_yaml.write_text(text.replace("      - relaypipe\n", "", 1))
     gaps = deps.missing(dvc_yaml)
-    assert "relaypipe/train/rewards.py" in gaps["grpo"]
-    deps.write(dvc_yaml)
-    assert deps.missing(dvc_yaml) == {}
-    # data deps, params and outs are untouched by a rewrite
-    before, after = deps.load_stages(ROOT / "dvc.yaml"), deps.load_stages(dvc_yaml)
-    for stage in before:
-        assert [d for d in after[stage] if d.startswith("data/")] == [
-            d for d in before[stage] if d.startswith("data/")
-        ]
+    assert set(gaps) == {deps.CONFIGURE, *STAGES}  # every stage imports relaypipe
+    assert "configure deps miss relaypipe/train/rewards.py" in gaps["grpo"]
+    assert "relaypipe/presets.py" in gaps["configure"]
+
+
+def test_a_stage_without_its_config_dep_is_reported(tmp_path):
+    dvc_yaml = tmp_path / "dvc.yaml"
+    text = (ROOT / "dvc.yaml").read_text()
+    dvc_yaml.write_text(text.replace("      - data/config/sft.yaml\n", ""))
+    assert deps.missing(dvc_yaml) == {"sft": ["no dep on data/config/sft.yaml"]}
 
 
 def test_check_command_exits_nonzero_on_a_gap(tmp_path, capsys):
     dvc_yaml = tmp_path / "dvc.yaml"
     shutil.copy(ROOT / "dvc.yaml", dvc_yaml)
-    dvc_yaml.write_text(dvc_yaml.read_text().replace("      - relaypipe/stages/common.py\n", ""))
+    dvc_yaml.write_text(dvc_yaml.read_text().replace("      - flows\n", "", 1))
     assert deps.main(["--check", "--dvc-yaml", str(dvc_yaml)]) == 1
-    assert "relaypipe/stages/common.py" in capsys.readouterr().out
+    assert "flows/stages.py" in capsys.readouterr().out
     assert deps.main(["--check", "--dvc-yaml", str(ROOT / "dvc.yaml")]) == 0

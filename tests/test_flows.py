@@ -52,10 +52,12 @@ def read_problems(out_dir: Path) -> dict[str, pd.DataFrame]:
 
 def test_every_dvc_stage_runs_through_its_flow():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == list(STAGES)  # one registry line per stage, in pipeline order
-    for name, stage in stages.items():
-        assert stage["cmd"] == f"python -m flows.stages {name}"
-        assert "flows/stages.py" in stage["deps"]
+    # configure first, then one registry line per stage, in pipeline order
+    assert list(stages) == ["configure", *STAGES]
+    for name in STAGES:
+        config = f"data/config/{name}.yaml"
+        assert stages[name]["cmd"] == f"python -m flows.stages {name} --params {config}"
+        assert config in stages[name]["deps"]
         assert dataclasses.is_dataclass(params_class(name))
     # Retries only where the network is: pull/push, never a stage's compute.
     assert all(f.retries == 0 for f in FLOWS.values())
@@ -166,7 +168,7 @@ def test_dvc_exp_run_sets_a_param_and_exp_show_reports_it(prefect_api_url, prepa
         "exp",
         "run",
         "-S",
-        "prepare.n_eval=30",
+        "overrides.prepare.n_eval=30",
         "-n",
         "eval30",
         "prepare",
@@ -180,7 +182,7 @@ def test_dvc_exp_run_sets_a_param_and_exp_show_reports_it(prefect_api_url, prepa
     exps = [e for row in shown for e in (row.get("experiments") or [])]
     (exp,) = [e for e in exps if e["name"] == "eval30"]
     revs = exp["revs"][0]["data"]
-    assert revs["params"]["params.yaml"]["data"]["prepare"]["n_eval"] == 30
+    assert revs["params"]["params.yaml"]["data"]["overrides"]["prepare"]["n_eval"] == 30
     assert "metrics" in revs  # exp show puts params and metrics side by side
 
 
@@ -195,7 +197,7 @@ def test_pipeline_flow_repro_then_experiment_with_remotes(prefect_api_url, prepa
     run("git", "commit", "-qam", "remote", cwd=prepare_repo, env=env)
 
     first = pipeline(repo_dir=str(prepare_repo), targets=["prepare"])
-    assert first["ran"] == ["prepare"] and first["experiment"] is None
+    assert first["ran"] == ["configure", "prepare"] and first["experiment"] is None
     assert first["pulled"] and first["pushed"] and not first["exp_pushed"]
     assert any(storage.rglob("*")), "dvc push wrote nothing to the remote"
 
@@ -208,7 +210,7 @@ def test_pipeline_flow_repro_then_experiment_with_remotes(prefect_api_url, prepa
     )
     assert state.is_completed(), state.message
     second = state.result()
-    assert second["ran"] == ["prepare"] and second["experiment"] == "train50"
+    assert second["ran"] == ["configure", "prepare"] and second["experiment"] == "train50"
     assert second["exp_pushed"]
     assert len(pd.read_parquet(prepare_repo / "data/problems/train.parquet")) == 50
     refs = run("git", "ls-remote", origin, "refs/exps/*", cwd=tmp_path, env=env).stdout

@@ -365,7 +365,7 @@ def test_the_paper_preset_sets_dtypes_trl_agrees_with(tokenizer):
             model = qwen3(len(tokenizer), tokenizer, 5).to(getattr(torch, params.dtype))
             flags = trainer_precision(model, params.trainer, stage)  # raises on a contradiction
             assert {**flags, **params.trainer}["bf16"] is True  # bfloat16 compute on the GPU
-    micro = yaml.safe_load((ROOT / "params.yaml").read_text())
+    micro = yaml.safe_load((ROOT / "presets" / "micro.yaml").read_text())
     for stage in LOADING_STAGES:
         assert build(params_class(stage), micro[stage], stage).dtype == "auto"
 

@@ -1,4 +1,4 @@
-"""Every preset (and params.yaml) loads and validates without running anything: each stage
+"""Every preset loads and validates without running anything: each stage
 section builds into that stage's params dataclass, exactly as ``dvc repro`` would build it."""
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from relaypipe.tasks.dataset import DatasetSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
-FILES = [ROOT / "params.yaml", *PRESETS]
 
 # The paper's six benchmarks, by hub dataset id (arXiv 2601.05167, DESIGN.md).
 PAPER_BENCHMARKS = {
@@ -44,12 +43,7 @@ def test_the_presets_are_there():
     assert {p.name for p in PRESETS} >= {"micro.yaml", "smollm2-cpu.yaml", "paper-gpu.yaml"}
 
 
-def test_params_yaml_is_the_micro_preset():
-    """`make run` alone runs params.yaml; `make run PRESET=micro` must restore the same file."""
-    assert (ROOT / "params.yaml").read_text() == (ROOT / "presets" / "micro.yaml").read_text()
-
-
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_every_stage_section_builds(path):
     config = load(path)
     assert set(config) == set(STAGES), f"{path.name}: sections differ from the stages"
@@ -98,43 +92,6 @@ def test_smollm2_preset_needs_no_hub():
     assert "withhold" not in config["bootstrap"]["teacher_train"]
 
 
-def _repo_with_presets(tmp_path: Path) -> Path:
-    import subprocess
-
-    (tmp_path / "presets").mkdir()
-    for name in ("micro", "other"):
-        (tmp_path / "presets" / f"{name}.yaml").write_text(f"prepare: {{seed: 0}}  # {name}\n")
-    (tmp_path / "params.yaml").write_text((tmp_path / "presets" / "micro.yaml").read_text())
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
-    subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], check=True)
-    return tmp_path
-
-
-def test_a_preset_replaces_params_yaml_and_back(tmp_path):
-    from flows.__main__ import apply_preset
-
-    repo = _repo_with_presets(tmp_path)
-    assert apply_preset("other", str(repo)) is True
-    assert "# other" in (repo / "params.yaml").read_text()
-    assert apply_preset("other", str(repo)) is False  # already there
-    assert apply_preset("micro", str(repo)) is True
-    assert "# micro" in (repo / "params.yaml").read_text()
-
-
-def test_a_preset_never_overwrites_edits_of_ones_own(tmp_path):
-    from flows.__main__ import PresetError, apply_preset
-
-    repo = _repo_with_presets(tmp_path)
-    (repo / "params.yaml").write_text("prepare: {seed: 7}  # my experiment\n")
-    with pytest.raises(PresetError, match="edits of your own"):
-        apply_preset("other", str(repo))
-    assert "my experiment" in (repo / "params.yaml").read_text()  # untouched
-    with pytest.raises(PresetError, match="no preset 'nope'; choose one of micro, other"):
-        apply_preset("nope", str(repo))
-
-
 def test_paper_preset_names_the_six_benchmarks_with_their_columns():
     config = load(ROOT / "presets" / "paper-gpu.yaml")
     prepare = build(PrepareParams, config["prepare"], "paper-gpu.yaml:prepare")
@@ -168,7 +125,7 @@ def _weights(dtype: str) -> torch.nn.Module:
     return model.to(getattr(torch, "float32" if dtype == "auto" else dtype))
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_trainer_sections_build_the_installed_trls_configs(path):
     """sft.trainer and grpo.trainer through the very functions the stages build their trl
     configs with, on the CPU: before a model is loaded, and with the precision flags of weights

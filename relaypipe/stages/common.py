@@ -11,9 +11,8 @@ import argparse
 import logging
 from typing import TypeVar
 
-from relaypipe import errors
+from relaypipe import errors, presets
 from relaypipe.config import build
-from relaypipe.io import load_yaml_section
 
 T = TypeVar("T")
 
@@ -51,4 +50,4 @@ def stage_params(section: str, cls: type[T], argv: list[str] | None = None) -> T
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return build(cls, load_yaml_section(args.params, section), f"{args.params}:{section}")
+    return build(cls, presets.section(args.params, section), presets.where(args.params, section))
