@@ -14,8 +14,8 @@ Steps, each a Prefect task whose output lines stream into the run's logs:
    anywhere) is not an error, the stages whose outputs are missing simply run.
 3. ``dvc repro [targets]``, or ``dvc exp run -S ... [targets]`` when ``set_params`` is given
    (``grpo.cost_weight=0.3`` becomes ``-S ++overrides.grpo.cost_weight=0.3``; ``preset=name``
-   picks a preset) (``dvc repro`` takes no overrides; an experiment also records them next to its metrics
-   for ``dvc exp show``).
+   picks a preset; ``dvc repro`` takes no overrides; an experiment also records them next to
+   its metrics for ``dvc exp show``).
 4. ``dvc push``, and ``dvc exp push <git_remote> <exp>`` for an experiment when the repository
    has that git remote, so ``dvc exp show`` / ``dvc exp pull`` elsewhere see it.
 

@@ -1,7 +1,9 @@
 """One thin Prefect flow per DVC stage: what every ``cmd:`` line of dvc.yaml runs.
 
-Run: ``python -m flows.stages prepare`` (reads ``params.yaml:prepare``), ``python -m flows.stages
-grpo --params other.yaml``, or ``dvc repro`` (which runs exactly these commands). In Python:
+Run: ``python -m flows.stages prepare`` (params.yaml's preset + overrides, section ``prepare``),
+``python -m flows.stages grpo --params data/config/grpo.yaml`` (what dvc.yaml runs: the file
+stage configure resolved), or ``dvc repro``. A params file is either a preset + overrides or
+one section per stage (relaypipe/presets.py). In Python:
 ``FLOWS["prepare"](params_path="params.yaml")`` runs the flow, ``FLOWS["prepare"].fn(...)`` the
 plain function without Prefect, :func:`run_stage` the stage itself.
 

@@ -50,6 +50,7 @@ __all__ = [
     "DECODER_DEFAULTS",
     "MOVED_BOUNDS",
     "RELAY_RECORD",
+    "TRAINING_RECORD",
     "UNBOUNDED",
     "PromptFormat",
     "RelayBounds",
@@ -68,6 +69,7 @@ __all__ = [
 ]
 
 RELAY_RECORD = "relay.json"  # beside the weights of a model a training stage wrote
+TRAINING_RECORD = "training.json"  # beside them too: that stage's metrics (and warnings)
 RECORD_VERSION = 1
 BOUND_NAMES = ("max_call_tokens", "max_teacher_tokens", "max_calls", "max_turns")
 # the stages' old key for the bounds section (relaypipe.config names the new one in its error)

@@ -17,9 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_dvc_yaml_covers_every_stage_import_closure():
     gaps = deps.missing(ROOT / "dvc.yaml")
-    assert not gaps, (
-        "".join(f"\n{stage}: {', '.join(files)}" for stage, files in gaps.items())
-    )
+    assert not gaps, "".join(f"\n{stage}: {', '.join(files)}" for stage, files in gaps.items())
 
 
 def test_every_stage_of_flows_is_a_dvc_stage():

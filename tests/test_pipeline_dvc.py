@@ -48,6 +48,10 @@ def test_repro_writes_every_artifact(repo):
     assert metrics["teacher_params"] > metrics["student_params"]
     for stage in ("filter", "warmup", "sft", "grpo"):
         assert json.loads((repo / f"data/{stage}/metrics.json").read_text())
+    for stage, model in (("sft", "warmup"), ("grpo", "relay")):  # the model carries them too
+        assert (repo / f"data/models/{model}/training.json").read_bytes() == (
+            repo / f"data/{stage}/metrics.json"
+        ).read_bytes()
     assert (repo / "data/models/relay/model.safetensors").is_file()
     assert (repo / "data/grpo/live/metrics.json").is_file()  # DVCLive summary
     assert not (repo / "data/checkpoints/grpo").exists()  # removed after a finished run

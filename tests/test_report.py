@@ -334,3 +334,18 @@ def test_training_metrics_without_their_number_are_refused_and_nothing_written(t
     assert str(tmp_path / "sft" / "metrics.json") in message
     assert "'warmup_relay.accuracy' must be a number" in message and "sft stage" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_metrics_are_named_by_file_or_folder():
+    """sft's and grpo's metrics are read from the model folders they wrote (training.json)."""
+    from relaypipe.stages.report import STAGE_METRICS, _stage_name
+
+    assert [_stage_name(p) for p in STAGE_METRICS] == [
+        "bootstrap",
+        "filter",
+        "warmup_data",
+        "sft",
+        "grpo",
+    ]
+    assert _stage_name("x/sft/metrics.json") == "sft"
+    assert _stage_name("x/other/training.json") is None

@@ -45,6 +45,7 @@ from datasets import Dataset
 
 from relaypipe.bounds import (
     MOVED_BOUNDS,
+    TRAINING_RECORD,
     PromptFormat,
     RelayBounds,
     RelayRecord,
@@ -54,7 +55,7 @@ from relaypipe.bounds import (
 from relaypipe.checks import enforce, reward_findings, unchanged_findings, weights_digest
 from relaypipe.config import ConfigError
 from relaypipe.evaluate.run import decode_problems, summarize
-from relaypipe.io import atomic_path, read_json, read_table
+from relaypipe.io import atomic_path, read_json, read_table, write_json
 from relaypipe.models import check_dtype, load_model, pick_device, trainer_precision
 from relaypipe.publish import staged_by_launcher, staged_for_launch, together
 from relaypipe.relay.backends import Sampling, TransformersBackend
@@ -437,6 +438,9 @@ def run(params: GRPOParams) -> dict:
         metrics = check_relay(params, staged, problems, boot)
         metrics["warnings"] = warnings
         pub.json(Path(params.out_dir) / "metrics.json", metrics)
+        # the model carries the metrics of the training that made it (the report reads them
+        # from there, so it depends on the model folder evaluate reads anyway)
+        write_json(staged / TRAINING_RECORD, metrics)
     shutil.rmtree(params.checkpoint_dir, ignore_errors=True)  # published: nothing to resume
     return metrics
 

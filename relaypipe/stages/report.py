@@ -43,6 +43,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from relaypipe.bounds import TRAINING_RECORD
 from relaypipe.evaluate.cost import CostModel, ModelCost, Price
 from relaypipe.evaluate.report import (
     TRAINING_HEADLINE,
@@ -62,12 +63,15 @@ log = logging.getLogger(__name__)
 
 # Where bootstrap, filter, warmup_data, sft and grpo record their metrics (and warnings).
 # Which stage wrote a file is told by its name (bootstrap.json) or its folder (see _stage_name).
+# sft's and grpo's are read from the model folders they wrote (the same metrics as
+# data/{sft,grpo}/metrics.json): evaluate depends on those folders already, so the report's
+# dependencies add no column to `dvc exp show`.
 STAGE_METRICS = (
     "data/models/bootstrap.json",
     "data/filter/metrics.json",
     "data/warmup/metrics.json",
-    "data/sft/metrics.json",
-    "data/grpo/metrics.json",
+    "data/models/warmup/training.json",
+    "data/models/relay/training.json",
 )
 
 
@@ -111,6 +115,7 @@ def cost_models(models: dict, prices: Prices) -> dict[str, CostModel]:
 
 
 _STAGE_BY_FOLDER = {"filter": "filter", "warmup": "warmup_data", "sft": "sft", "grpo": "grpo"}
+_STAGE_BY_MODEL = {"warmup": "sft", "relay": "grpo"}
 
 
 def _stage_name(path: str) -> str | None:
@@ -118,6 +123,8 @@ def _stage_name(path: str) -> str | None:
     p = Path(path)
     if p.name == "bootstrap.json":
         return "bootstrap"
+    if p.name == TRAINING_RECORD:  # in the model folder sft or grpo wrote
+        return _STAGE_BY_MODEL.get(p.parent.name)
     return _STAGE_BY_FOLDER.get(p.parent.name)
 
 

@@ -39,10 +39,10 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from relaypipe.bounds import PromptFormat, RelayRecord, write_relay_record
+from relaypipe.bounds import TRAINING_RECORD, PromptFormat, RelayRecord, write_relay_record
 from relaypipe.checks import enforce, unchanged_findings, weights_digest
 from relaypipe.evaluate.run import decode_problems, summarize
-from relaypipe.io import atomic_path, read_table
+from relaypipe.io import atomic_path, read_table, write_json
 from relaypipe.models import check_dtype, load_model, load_tokenizer, pick_device, trainer_precision
 from relaypipe.publish import staged_by_launcher, staged_for_launch, together
 from relaypipe.relay.backends import TransformersBackend
@@ -346,6 +346,9 @@ def run(params: SFTParams) -> dict:
         metrics = check_warmup(params, staged, problems)
         metrics["warnings"] = warnings
         pub.json(Path(params.out_dir) / "metrics.json", metrics)
+        # the model carries the metrics of the training that made it (the report reads them
+        # from there, so it depends on the model folder evaluate reads anyway)
+        write_json(staged / TRAINING_RECORD, metrics)
     shutil.rmtree(params.checkpoint_dir, ignore_errors=True)  # published: nothing to resume
     return metrics
 
