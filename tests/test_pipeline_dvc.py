@@ -95,7 +95,7 @@ def test_repro_writes_every_artifact(repo):
     assert (repo / "data/eval/report.md").read_text().startswith("# Evaluation report")
     assert (repo / "data/eval/tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = sh("dvc", "metrics", "show", "--json", cwd=repo).stdout
-    assert "gap_recovered_by_benchmark" in shown
+    assert "relay_accuracy" in shown and "teacher_share" in shown  # (nulls are left out)
     assert json.loads((repo / "data/eval/plots/tradeoff.json").read_text())
 
 
@@ -106,7 +106,6 @@ def test_committed_run_shows_its_metrics_in_exp_show(repo):
     rows = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
     (baseline,) = [row for row in rows if row["rev"] != "workspace"]
     metrics = baseline["data"]["metrics"]
-    assert 0.0 <= metrics["data/models/bootstrap.json"]["data"]["student_accuracy"] <= 1.0
     assert list(metrics) == ["data/eval/metrics.json"]  # the headline only
     evaluated = metrics["data/eval/metrics.json"]["data"]
     assert 0.0 <= evaluated["relay_accuracy"] <= 1.0  # (exp show drops null values)
@@ -145,7 +144,10 @@ def test_plain_exp_show_fits_40_columns(repo):
     sh("git", "commit", "-qm", "a run", "--allow-empty", cwd=repo)
     header = exp_show_header(repo)
     assert header[:2] == ["Experiment", "Created"]
-    assert "preset" in header and "gap_recovered" in header and "relay_accuracy" in header
+    assert "preset" in header and "relay_accuracy" in header and "teacher_share" in header
+    head = json.loads((repo / "data/eval/metrics.json").read_text())
+    if head["gap_recovered"] is not None:  # DVC leaves null metrics out (no gap here: none)
+        assert "gap_recovered" in header
     assert "overrides.grpo.allow_degenerate" in header  # what this run changed is visible
     # The count for the micro preset (3 benchmarks, no overrides) is this one minus the
     # overrides this test repo sets plus the one benchmark more.
@@ -156,7 +158,7 @@ def test_plain_exp_show_fits_40_columns(repo):
 def test_headline_recipe_fits_a_terminal(repo):
     args = ["--only-changed", "--drop", "^(relaypipe|flows|data|presets)(/|$)", "--keep", HEADLINE]
     header = exp_show_header(repo, *args)
-    assert "gap_recovered" in header and "relay_accuracy" in header
+    assert "relay_accuracy" in header
     assert not any(c.startswith(("data/", "relaypipe", "flows")) for c in header)
     assert len(header) <= 40, header
 
