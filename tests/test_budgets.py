@@ -171,7 +171,8 @@ def routed(tokenizer, student, teacher, route, **cfg):
 
 def test_router_clips_a_run_to_the_teacher_budget_then_the_student_writes_the_rest(tokenizer):
     # the router gives tokens 2..5 to the teacher (a run of 4), then would again at token 8
-    route = [False, False, True, True, True, True, False, False, False, True] + [False] * 40
+    # (token 6 takes no draw: the draw that ended the run was its own)
+    route = [False, False, True, True, True, True, False, False, True] + [False] * 40
     free = routed(tokenizer, ["abcdefghijklmnop"], ["WXYZ", "Q"], route, max_new_tokens=12)
     assert text(tokenizer, free.token_ids) == "abWXYZcdQefg"
     assert [(h.start, h.requested, h.granted) for h in free.handoffs] == [(2, 4, 4), (8, 1, 1)]
@@ -190,8 +191,9 @@ def test_router_clips_a_run_to_the_teacher_budget_then_the_student_writes_the_re
 
 
 def test_router_hand_offs_count_as_calls(tokenizer):
-    # the router hands one token to the teacher at tokens 0, 3 and 6
-    route = [True, False, False, False, True, False, False, False, True] + [False] * 40
+    # the router hands one token to the teacher at tokens 0, 3 and 6 (tokens 1 and 4 take no
+    # draw: the one that ended the teacher's run before them was theirs)
+    route = [True, False, False, True, False, False, True] + [False] * 40
     free = routed(tokenizer, ["abcdefghij"], ["X", "Y", "Z"], route, max_new_tokens=8)
     assert text(tokenizer, free.token_ids) == "XabYcdZe" and free.calls == 3
     tr = routed(tokenizer, ["abcdefghij"], ["X", "Y", "Z"], route, max_new_tokens=8, max_calls=2)

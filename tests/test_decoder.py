@@ -270,6 +270,27 @@ def test_random_router_extremes(tokenizer, p, expected):
     assert traces[0].n_generated == 8 and traces[0].stop_reason == StopReason.MAX_NEW_TOKENS
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_random_router_share_is_p(tokenizer, p):
+    """Each token is the teacher's with probability p, independently: the realised share is p.
+    (It was p / (1 - p + p^2), 0.38 at p = 0.3: the draw that ended a teacher run was drawn
+    again for the token after it.)"""
+    n, length = 300, 40
+    traces, _, _ = run(
+        tokenizer,
+        {i: ["abcdefgh" * 5] * (length + 1) for i in range(n)},
+        {i: ["x" * length] * (length + 1) for i in range(n)},
+        prompts=["Q: 1\nA: "] * n,
+        mode="random_router",
+        router_p=p,
+        max_new_tokens=length,
+    )
+    teacher = sum(t.n_teacher for t in traces)
+    total = sum(t.n_generated for t in traces)
+    assert total == n * length
+    assert abs(teacher / total - p) < 0.015, teacher / total  # 12,000 tokens: sd <= 0.005
+
+
 def test_bounds_max_new_tokens_and_max_turns(tokenizer):
     traces, _, _ = run(tokenizer, {0: ["abcdefghij"]}, {0: []}, max_new_tokens=4)
     assert traces[0].n_generated == 4 and traces[0].stop_reason == StopReason.MAX_NEW_TOKENS
@@ -441,8 +462,9 @@ def test_tags_spelled_out_in_characters_are_no_command_and_hidden_from_the_teach
 
 
 def test_a_spelled_tag_prefix_is_hidden_only_where_it_ends_the_view(tokenizer):
-    # hand-offs after "1<ca" (hidden: it may become a tag) and after "1<caXd" (not a tag)
-    route = [False] * 4 + [True, False] + [False] * 1 + [True, False] + [False] * 40
+    # hand-offs after "1<ca" (hidden: it may become a tag) and after "1<caXd" (not a tag);
+    # "d", right after the teacher's run, takes no draw: the run's last draw was its
+    route = [False] * 4 + [True, False] + [True, False] + [False] * 40
     tr, _, teacher = routed_run(
         tokenizer, [chars(tokenizer, "1<cad"), "<eos>"], {0: ["X", "Y"]}, route, max_new_tokens=64
     )
