@@ -1,6 +1,7 @@
 """``relaypipe bench``: relay decoding speed against its floor (see :mod:`relaypipe.bench`).
 
 relaypipe bench --batch-sizes 1,8,32 --router-ps 0,0.05,0.2 --out bench.json
+relaypipe bench --pair realistic --batch-sizes 1,8 --router-ps 0.05 --repeats 5
 
 The options are defined here rather than taken from :mod:`relaypipe.bench` (which imports
 torch) so that ``relaypipe --help`` stays fast; tests/test_cli_fast.py checks that both define
@@ -15,13 +16,33 @@ from pathlib import Path
 from relaypipe.bounds import add_bound_arguments, add_call_bias_argument, add_prompt_arguments
 
 DEFAULT_PROBLEMS = "data/problems/eval.parquet"  # relaypipe.bench.DEFAULT_PROBLEMS
+DEFAULT_STUDENT = "data/models/student"  # relaypipe.bench.DEFAULT_STUDENT
+DEFAULT_TEACHER = "data/models/teacher"  # relaypipe.bench.DEFAULT_TEACHER
+PAIRS = ("micro", "realistic")  # relaypipe.bench.PAIRS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (those of ``relaypipe.bench.add_arguments``, with help)."""
-    p.add_argument("--student", default="data/models/student", help="student model directory")
-    p.add_argument("--teacher", default="data/models/teacher", help="teacher model directory")
-    p.add_argument("--problems", default=DEFAULT_PROBLEMS, help="parquet with a question column")
+    p.add_argument(
+        "--pair",
+        choices=PAIRS,
+        default="micro",
+        help="micro: the --student/--teacher model directories (default: the micro pair); "
+        "realistic: a built-in pair of random-weight Llamas (5.3M / 50.4M parameters, the "
+        "teacher ~9.6x the student's FLOPs per token; micro tokenizer, nothing read from disk)",
+    )
+    p.add_argument(
+        "--student", default=None, help=f"student model directory (default: {DEFAULT_STUDENT})"
+    )
+    p.add_argument(
+        "--teacher", default=None, help=f"teacher model directory (default: {DEFAULT_TEACHER})"
+    )
+    p.add_argument(
+        "--problems",
+        default=None,
+        help=f"parquet with a question column (default: {DEFAULT_PROBLEMS}; with --pair "
+        "realistic: built-in arithmetic questions)",
+    )
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--router-ps", default="0,0.05,0.2", help="comma-separated random_router p")
     p.add_argument("--n-prompts", type=int, default=32, help="prompts decoded per measurement")
@@ -43,8 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="measure relay decoding speed (student, teacher, relay, generate) and its floor",
-        description="Relay, student-only, teacher-only and plain generate() throughput, and "
-        "relay wall time over its floor, on a student/teacher pair.",
+        description="Relay, student-only, teacher-only and plain generate() throughput, "
+        "relay wall time over its floor (and the floor's parts), and the random router's "
+        "requested p and realised teacher share, on a student/teacher pair.",
     )
     add_arguments(p)
     return p
