@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Final
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
@@ -166,6 +167,7 @@ EVAL_MODES: Final[tuple[str, ...]] = (
     "teacher_free",  # the GRPO student, calls blocked (the paper's teacher-free mode)
     "teacher",  # the teacher alone
     "random_router",  # the bootstrap student, each token the teacher's with probability router_p
+    "relay_sweep",  # the relay mode at each call_bias of evaluate.call_bias_sweep (Pareto curve)
 )
 
 
@@ -182,6 +184,12 @@ class EvalRequestSchema(pa.DataFrameModel):
     # random_router: the probability that a token is the teacher's; -1 for every other mode
     # (-1 rather than NaN: parquet and pandas keep it, and equality joins work).
     router_p: Series[float] = pa.Field(ge=-1.0, le=1.0)
+    # The logit bias on the student's <call> in effect (RelayConfig.call_bias): relay_sweep its
+    # sweep value, relay the applied one (evaluate.call_bias or the calibrated bias; +-inf is
+    # recorded as +-1e6: floats here are finite, and a bias that large is as decisive), 0 for
+    # every other mode (no bias acts there). Optional: tables written before the column
+    # existed have none (their relay's bias is in models.json decoding.call_bias).
+    call_bias: Series[float] | None
     problem_id: Series[str] = pa.Field(str_length={"min_value": 1})
     correct: Series[bool]
     # Generated tokens by source; student_tokens includes its commands (command_tokens).
@@ -207,6 +215,15 @@ class EvalRequestSchema(pa.DataFrameModel):
         ok = (router & df["router_p"].between(0.0, 1.0)) | (~router & (df["router_p"] == -1.0))
         return bool(ok.all())
 
+    @pa.dataframe_check(name="call_bias finite for relay_sweep rows (the column is needed then)")
+    @classmethod
+    def _sweep_bias(cls, df: pd.DataFrame) -> bool:
+        sweep = df["mode"] == "relay_sweep"
+        if "call_bias" not in df.columns:
+            return not bool(sweep.any())
+        bias = pd.to_numeric(df.loc[sweep, "call_bias"], errors="coerce").to_numpy(dtype=float)
+        return bool(np.isfinite(bias).all())
+
     @pa.dataframe_check(name="command_tokens <= student_tokens")
     @classmethod
     def _commands(cls, df: pd.DataFrame) -> bool:
@@ -223,7 +240,8 @@ class EvalRequestSchema(pa.DataFrameModel):
         unique_column_names = True
         coerce = False  # never convert a value to fit (module docstring)
         # One row per problem per run; a duplicate would be counted twice in every average.
-        unique = ("benchmark", "mode", "router_p", "problem_id")
+        # (call_bias tells the relay_sweep runs apart; a table without it is keyed without it.)
+        unique = ("benchmark", "mode", "router_p", "call_bias", "problem_id")
 
 
 # Every contract, for checks that must hold for all of them (tests/test_strict_schemas.py).

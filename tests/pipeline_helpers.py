@@ -94,7 +94,12 @@ SMALL_PARAMS: dict[str, Any] = {
             "save_steps": 1,
         },
     },
-    "evaluate": {"router_p": [0.2, 0.5], "max_new_tokens": 24, "batch_size": 8},
+    "evaluate": {
+        "router_p": [0.2, 0.5],
+        "call_bias_sweep": [-2.0, 2.0],
+        "max_new_tokens": 24,
+        "batch_size": 8,
+    },
 }
 
 

@@ -15,6 +15,7 @@ from relaypipe.schemas import EvalRequestSchema, ProblemSchema, problems_to_fram
 from relaypipe.stages import evaluate, report
 from relaypipe.tasks.arith import ArithSpec, generate
 from relaypipe.teacher import HTTPOptions, TeacherServer, TeacherSpec
+from tests.test_call_bias import CommandBodies
 
 # what grpo would have recorded beside the relay model (relaypipe/bounds.py)
 TRAINED = RelayBounds(max_call_tokens=4, max_teacher_tokens=6, max_calls=2, max_turns=8)
@@ -46,6 +47,7 @@ def write_benchmarks(folder, n=3):
 def params(tmp_path, model_dirs, **overrides) -> evaluate.EvaluateParams:
     return evaluate.EvaluateParams(
         router_p=[0.5],
+        call_bias_sweep=overrides.pop("call_bias_sweep", [-50.0, 50.0]),
         max_new_tokens=10,
         batch_size=2,
         threads=1,
@@ -64,7 +66,8 @@ def test_every_mode_on_every_benchmark_then_report(tmp_path, model_dirs):
     (tmp_path / "benchmarks").mkdir()
     write_benchmarks(tmp_path / "benchmarks")
     summary = evaluate.run(params(tmp_path, model_dirs))
-    assert summary["requests"] == 2 * 3 * 6  # benchmarks x problems x (5 modes + 1 router p)
+    # benchmarks x problems x (5 modes + 1 router p + 2 sweep biases)
+    assert summary["requests"] == 2 * 3 * 8
     df = read_table(tmp_path / "eval" / "requests.parquet", EvalRequestSchema)
     assert set(df.benchmark) == {"arith-d1t3", "arith-d1t4"}
     assert set(df["mode"]) == set(evaluate.EVAL_MODES)
@@ -77,6 +80,9 @@ def test_every_mode_on_every_benchmark_then_report(tmp_path, model_dirs):
     router = df[df["mode"] == "random_router"]
     assert set(router.router_p) == {0.5} and router.teacher_tokens.sum() > 0
     assert (df[df["mode"] != "random_router"].router_p == -1.0).all()
+    # the bias in effect: the sweep's for relay_sweep, the relay's own (0 here) and 0 elsewhere
+    assert set(df[df["mode"] == "relay_sweep"].call_bias) == {-50.0, 50.0}
+    assert (df[df["mode"] != "relay_sweep"].call_bias == 0.0).all()
     models = json.loads((tmp_path / "eval" / "models.json").read_text())
     assert models["teacher"]["params"] > models["students"]["student"]["params"]
     assert models["modes"]["teacher_free"] == "relay"
@@ -115,6 +121,106 @@ def test_evaluate_refuses_a_broken_benchmark_before_loading_models(tmp_path):
     with pytest.raises(SchemaViolation, match=r"arith-d1t4\.parquet"):
         evaluate.run(p)
     assert not (tmp_path / "eval").exists()
+
+
+def test_plan_runs_expands_the_relay_sweep_per_bias():
+    from relaypipe.evaluate.suite import plan_runs
+
+    runs = plan_runs(["relay", "relay_sweep", "random_router"], [0.2], [2.0, -1.0, 2.0])
+    assert [(r.mode, r.call_bias, r.router_p) for r in runs] == [
+        ("relay", None, -1.0),
+        ("relay_sweep", -1.0, -1.0),
+        ("relay_sweep", 2.0, -1.0),
+        ("random_router", None, 0.2),
+    ]
+    assert {r.student_role for r in runs[1:3]} == {"relay"}
+    assert {r.decoder_mode for r in runs[:3]} == {"relay"}
+    assert [r.label for r in runs[1:3]] == ["relay_sweep bias=-1", "relay_sweep bias=+2"]
+    # the bias each run writes in its rows: the sweep's, the relay's (capped), 0
+    assert runs[1].row_bias(3.0) == -1.0 and runs[0].row_bias(3.0) == 3.0
+    assert runs[0].row_bias(float("-inf")) == -1e6 and runs[3].row_bias(3.0) == 0.0
+    with pytest.raises(ValueError, match="relay_sweep needs at least one call bias"):
+        plan_runs(["relay_sweep"], [], [])
+    with pytest.raises(ValueError, match="finite"):
+        plan_runs(["relay_sweep"], [], [float("inf")])
+
+
+@pytest.mark.parametrize(
+    ("section", "words"),
+    [
+        ({"modes": ["relay", "relay_sweep"], "call_bias_sweep": []}, "call_bias_sweep"),
+        ({"call_bias_sweep": [1.0, float("inf")]}, "call_bias_sweep values must be finite"),
+        ({"call_bias_sweep": [float("nan")]}, "call_bias_sweep values must be finite"),
+    ],
+)
+def test_a_relay_sweep_without_finite_biases_is_a_params_error(section, words):
+    from relaypipe.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match=words):
+        build(evaluate.EvaluateParams, section, "params.yaml:evaluate")
+    # without relay_sweep in modes an empty sweep is fine
+    build(evaluate.EvaluateParams, {"modes": ["relay"], "call_bias_sweep": []}, "e")
+
+
+class ScriptedBodies(CommandBodies):
+    """The relay student's real backend, its command bodies scripted (the tiny random model
+    rarely writes a valid one; tests/test_call_bias.py): the model decides when to call."""
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+
+def test_relay_sweep_rows_carry_their_bias_and_a_higher_bias_calls_more(
+    tmp_path, model_dirs, monkeypatch, tokenizer
+):
+    real = evaluate.TransformersBackend
+
+    def make(model, *args, **kwargs):
+        backend = real(model, *args, **kwargs)
+        return ScriptedBodies(backend, tokenizer) if kwargs.get("name") == "relay" else backend
+
+    monkeypatch.setattr(evaluate, "TransformersBackend", make)
+    (tmp_path / "benchmarks").mkdir()
+    write_benchmarks(tmp_path / "benchmarks")
+    p = params(
+        tmp_path, model_dirs, modes=["relay", "relay_sweep"], call_bias_sweep=[50.0, -50.0, 0.0]
+    )
+    summary = evaluate.run(dataclasses.replace(p, call_bias=1.5))
+    assert summary["runs"] == [
+        "relay",
+        "relay_sweep bias=-50",
+        "relay_sweep bias=+0",
+        "relay_sweep bias=+50",
+    ]
+    df = read_table(tmp_path / "eval" / "requests.parquet", EvalRequestSchema)
+    assert (df[df["mode"] == "relay"].call_bias == 1.5).all()  # the relay's own bias
+    sweep = df[df["mode"] == "relay_sweep"]
+    assert sorted(set(sweep.call_bias)) == [-50.0, 0.0, 50.0]
+    assert (sweep.groupby("call_bias").size() == 2 * 3).all()  # every problem, each bias
+    assert (sweep.router_p == -1.0).all()
+    share = sweep.groupby("call_bias").apply(
+        lambda r: r.teacher_tokens.sum() / (r.teacher_tokens.sum() + r.student_tokens.sum())
+    )
+    assert share[-50.0] == 0.0  # the open tag is as good as banned: no calls
+    assert share[50.0] > share[-50.0] and share[50.0] >= share[0.0]
+    # under the relay's budgets (6 teacher tokens, 2 calls per request), as the relay
+    assert (sweep.teacher_tokens <= TRAINED.max_teacher_tokens).all()
+    assert (sweep.calls <= TRAINED.max_calls).all()
+    models = json.loads((tmp_path / "eval" / "models.json").read_text())
+    assert models["modes"]["relay_sweep"] == "relay"
+
+    report.run(
+        report.ReportParams(
+            requests=str(tmp_path / "eval" / "requests.parquet"),
+            models=str(tmp_path / "eval" / "models.json"),
+            out_dir=str(tmp_path / "eval"),
+        )
+    )
+    metrics = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    curve = metrics["relay_curve"]["average"]
+    assert sorted(p["call_bias"] for p in curve) == [-50.0, 0.0, 1.5, 50.0]
+    assert [p["call_ratio"] for p in curve] == sorted(p["call_ratio"] for p in curve)
+    assert "## Pareto: relay vs random router" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_unknown_mode_is_refused():

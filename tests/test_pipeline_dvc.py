@@ -60,8 +60,9 @@ def test_repro_writes_every_artifact(repo):
         assert len(bench) == 6 and set(bench.split) == {"benchmark"}
         assert not set(bench.question) & set(train.question)
     requests = pd.read_parquet(repo / "data/eval/requests.parquet")
-    # 2 benchmarks x 6 problems x (5 modes + 2 router p)
-    assert len(requests) == 2 * 6 * 7
+    # 2 benchmarks x 6 problems x (5 modes + 2 router p + 2 relay biases)
+    assert len(requests) == 2 * 6 * 9
+    assert set(requests[requests["mode"] == "relay_sweep"]["call_bias"]) == {-2.0, 2.0}
     report = json.loads((repo / "data/eval/summary.json").read_text())
     modes = ("student", "warmup", "relay", "teacher_free", "teacher", "random_router")
     keys = (

@@ -133,9 +133,12 @@ def test_metrics_shape_and_headline_numbers(tmp_path):
     assert m["headline_by_benchmark"]["b1"]["cost_reduction_vs_matched_router"] == pytest.approx(
         0.75
     )
-    assert m["notes"] == {}
+    # no relay_sweep ran: one relay point, no Pareto area (its only nulls)
+    assert set(m["notes"]) == {"pareto.average", "pareto.b1", "pareto.b2"}
+    assert m["pareto"] == {"average": None, "b1": None, "b2": None}
 
     md = (out / "report.md").read_text()
+    assert "Pareto" not in md
     assert "| mode | b1 | b2 | average |" in md
     # accuracy % with call % in parentheses
     assert "| RelayLLM (relay) | 50.00 (10.00) | 50.00 (10.00) | 50.00 (10.00) |" in md
@@ -349,3 +352,145 @@ def test_stage_metrics_are_named_by_file_or_folder():
     ]
     assert _stage_name("x/sft/metrics.json") == "sft"
     assert _stage_name("x/other/training.json") is None
+
+
+# ------------------------------------------------------------- the relay's Pareto curve
+
+
+SWEEP_MODELS = {**MODELS_JSON, "modes": {**MODELS_JSON["modes"], "relay_sweep": "relay"}}
+
+
+def sweep_rows(name: str) -> list[dict]:
+    """relay_sweep at three biases: (call ratio, accuracy) (0.05, 0), (0.3, 0.75), (0.4, 0.75)."""
+    return [
+        *rows(name, "relay_sweep", [0, 0, 0, 0], s=19, t=1, tp=10, ctx=12, calls=1),
+        *rows(name, "relay_sweep", [1, 1, 1, 0], s=7, t=3, tp=10, ctx=12, calls=1),
+        *rows(name, "relay_sweep", [1, 1, 1, 0], s=6, t=4, tp=10, ctx=12, calls=1),
+    ]
+
+
+def with_bias(table: list[dict], sweep=(-2.0, 2.0, 4.0)) -> list[dict]:
+    """call_bias on every row: the sweep rows (n per bias, in order) theirs, the others 0."""
+    out, k = [], 0
+    for r in table:
+        if r["mode"] == "relay_sweep":
+            out.append({**r, "call_bias": sweep[k // 4]})
+            k += 1
+        else:
+            out.append({**r, "call_bias": 0.0})
+    return out
+
+
+def sweep_table(name: str, **kw) -> list[dict]:
+    return [*benchmark_rows(name, **kw), *sweep_rows(name)]
+
+
+def test_pareto_area_and_cost_reduction_by_budget_on_known_numbers(tmp_path):
+    table = [*with_bias(sweep_table("b1")), *with_bias(sweep_table("b2"))]
+    headline = run(write_inputs(tmp_path, table, SWEEP_MODELS))
+    out = tmp_path / "out"
+    m = json.loads((out / "summary.json").read_text())
+    # router curve (student p=0, p=0.2, p=0.6, teacher p=1): (0, .25) (.2, .25) (.6, .75) (1, 1)
+    # relay points by share: bias -2 (.05, 0), relay 0 (.1, .5), +2 (.3, .75), +4 (.4, .75)
+    for panel in ("average", "b1", "b2"):
+        curve = m["relay_curve"][panel]
+        assert [p["call_bias"] for p in curve] == [-2.0, 0.0, 2.0, 4.0]
+        assert [p["mode"] for p in curve] == ["relay_sweep", "relay", "relay_sweep", "relay_sweep"]
+        assert [p["call_ratio"] for p in curve] == pytest.approx([0.05, 0.1, 0.3, 0.4])
+        assert [p["accuracy"] for p in curve] == pytest.approx([0, 0.5, 0.75, 0.75])
+        # router at those shares: .25, .25, .375 (a quarter of .2->.6), .5 (half of it)
+        # gains -.25, .25, .375, .25; trapezoids .05*0/2 + .2*.625/2 + .1*.625/2 = .09375
+        pareto = m["pareto"][panel]
+        assert pareto["area_vs_router"] == pytest.approx(0.09375)
+        assert pareto["share_range"] == pytest.approx([0.05, 0.4])
+        assert pareto["mean_gain"] == pytest.approx(0.09375 / 0.35, abs=1e-6)
+        assert f"pareto.{panel}" not in m["notes"]
+        budget = m["cost_reduction_by_budget"][panel]
+        assert [b["router_accuracy_at_share"] for b in budget] == pytest.approx(
+            [0.25, 0.25, 0.375, 0.5]
+        )
+        # accuracy 0 is below the router at p = 0: no match
+        assert budget[0]["cost_reduction"] is None and "below" in budget[0]["note"]
+        # .5: router at .4 (halfway .2 -> .6); .75: router at .6
+        assert [b["router_call_ratio"] for b in budget[1:]] == pytest.approx([0.4, 0.6, 0.6])
+        assert [b["cost_reduction"] for b in budget[1:]] == pytest.approx(
+            [1 - 0.1 / 0.4, 1 - 0.3 / 0.6, 1 - 0.4 / 0.6], abs=1e-6
+        )
+        assert all(b["note"] is None for b in budget[1:])
+    # the sweep rows are not a mode of their own, and the headline is the relay run's
+    assert "relay_sweep" not in m["modes"] and "relay_sweep" not in m["benchmarks"]["b1"]
+    assert m["modes"]["relay"]["call_ratio"] == pytest.approx(0.1)
+    assert m["cost_reduction_vs_matched_router"] == pytest.approx(0.75)
+    # metrics.json, the DVC metric, is the same shape as without a sweep
+    plain = run(write_inputs(tmp_path / "plain", benchmark_rows("b1") + benchmark_rows("b2")))
+    assert set(headline) == set(plain)
+    assert (
+        headline["gap_recovered_by_benchmark"].keys() == plain["gap_recovered_by_benchmark"].keys()
+    )
+
+    md = (out / "report.md").read_text()
+    assert "## Pareto: relay vs random router" in md
+    assert "### average" in md and "### b1" in md and "### b2" in md
+    assert "| -2 | 5.00 | 0.00 | 25.00 | null |" in md
+    assert "| 0 * | 10.00 | 50.00 | 25.00 | 0.750 |" in md
+    assert "| +4 | 40.00 | 75.00 | 50.00 | 0.333 |" in md
+    assert (
+        "Area vs router over teacher share [5.00 %, 40.00 %]: 0.09375; mean accuracy gain "
+        "+26.79 points." in md
+    )
+    points = json.loads((out / "plots" / "tradeoff.json").read_text())
+    sweep = [p for p in points if p["mode"] == "relay_sweep"]
+    assert [p["name"] for p in sweep] == ["relay bias=-2", "relay bias=+2", "relay bias=+4"]
+    assert [p["call_ratio"] for p in sweep] == pytest.approx([0.05, 0.3, 0.4])
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_is_null_with_a_note_where_the_router_does_not_cover_the_relay(tmp_path):
+    # no teacher mode: the router curve ends at p = 0.2 (call ratio .2), short of .3 and .4
+    table = [
+        r
+        for r in with_bias(sweep_table("b1"))
+        if r["mode"] not in ("teacher", "random_router") or r["router_p"] == 0.2
+    ]
+    run(write_inputs(tmp_path, table, SWEEP_MODELS))
+    m = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert m["pareto"]["b1"] is None and m["pareto"]["average"] is None
+    assert "does not cover" in m["notes"]["pareto.b1"] and "above" in m["notes"]["pareto.b1"]
+    budget = m["cost_reduction_by_budget"]["b1"]
+    # the relay (.5) and the +2/+4 points (.75) are above the router's best accuracy (.25)
+    assert [b["cost_reduction"] for b in budget] == [None] * 4
+    assert "above" in budget[2]["note"]
+    assert budget[2]["router_accuracy_at_share"] is None  # share .3 is past the router's end
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Area vs router: null (the router curve does not cover" in md
+
+
+def test_pareto_needs_two_relay_points_and_a_width(tmp_path):
+    # one sweep bias landing on the relay's own share: two points, width 0
+    table = [*benchmark_rows("b1"), *rows("b1", "relay_sweep", [1, 0, 0, 0], s=9, t=1)]
+    run(write_inputs(tmp_path, with_bias(table, sweep=(-1.0,)), SWEEP_MODELS))
+    m = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert len(m["relay_curve"]["b1"]) == 2
+    assert m["pareto"]["b1"] is None and "width 0" in m["notes"]["pareto.b1"]
+    # no sweep at all: the relay alone
+    run(write_inputs(tmp_path / "one", benchmark_rows("b1")))
+    m = json.loads((tmp_path / "one" / "out" / "summary.json").read_text())
+    assert len(m["relay_curve"]["b1"]) == 1 and m["pareto"]["b1"] is None
+    assert "1 relay point(s)" in m["notes"]["pareto.b1"]
+    assert m["cost_reduction_by_budget"]["b1"][0]["cost_reduction"] == pytest.approx(0.75)
+
+
+def test_relay_sweep_rows_need_a_finite_call_bias(tmp_path):
+    table = [*benchmark_rows("b1"), *sweep_rows("b1")]
+    with pytest.raises(SchemaViolation, match="call_bias finite for relay_sweep rows"):
+        write_table(pd.DataFrame(table), tmp_path / "r.parquet", EvalRequestSchema)
+    frame = pd.DataFrame(with_bias(table))
+    frame.loc[frame["mode"] == "relay_sweep", "call_bias"] = float("inf")
+    with pytest.raises(SchemaViolation, match="call_bias"):
+        write_table(frame, tmp_path / "r.parquet", EvalRequestSchema)
+    # one row per problem per bias: the same bias twice is a duplicate
+    twice = with_bias(table, sweep=(1.0, 1.0, 2.0))
+    with pytest.raises(SchemaViolation, match="uniqueness"):
+        write_table(pd.DataFrame(twice), tmp_path / "r.parquet", EvalRequestSchema)
+    # a table from before the column (no sweep) is still valid
+    write_table(pd.DataFrame(benchmark_rows("b1")), tmp_path / "old.parquet", EvalRequestSchema)

@@ -23,6 +23,24 @@ cost_usd_uncached, latency_s, ...; token, FLOP, money and latency values are mea
 * ``headline_by_benchmark.<name>``: the three headline numbers per benchmark.
 * ``router_curve.<average|name>``: the router sweep, in p order, anchored by the student at
   p = 0 and the teacher at p = 1.
+* ``relay_curve.<average|name>``: the relay's operating points, ``{call_bias, call_ratio,
+  accuracy, mode}``, sorted by call ratio: the relay_sweep runs (one per bias of
+  ``evaluate.call_bias_sweep``; on average, the biases every benchmark has) and the relay run
+  itself (``mode`` says which). A bias is a number, or "inf" / "-inf" for a relay decoded
+  with an infinite one (models.json ``decoding.call_bias``, when the table has no column).
+* ``pareto.<average|name>``: ``{area_vs_router, share_range: [lo, hi], mean_gain}``: the area
+  between the relay curve and the router curve over the relay's teacher-share range (the
+  router read off ``router_curve`` at each relay point's call ratio by
+  :func:`~relaypipe.evaluate.cost.interpolate_curve`; trapezoids between consecutive relay
+  points), in accuracy × share units, and ``mean_gain`` = area / (hi − lo), the relay's mean
+  accuracy advantage over that range. Null, with ``notes.pareto.<panel>``, with fewer than 2
+  relay points, a range of width 0, or a router curve that does not cover the range (never
+  extrapolated).
+* ``cost_reduction_by_budget.<average|name>``: per relay point (as ``relay_curve``):
+  ``router_accuracy_at_share`` (the router at that call ratio), ``router_call_ratio`` (the
+  router matched in accuracy, :func:`~relaypipe.evaluate.cost.match_accuracy`) and
+  ``cost_reduction`` = 1 − call ratio / router_call_ratio: null, with the reason in ``note``,
+  where the router never reaches the point's accuracy (or only at call ratio 0).
 * ``notes.<key>``: why a number is null. A relay accuracy outside the router curve's accuracy
   range (below the student, i.e. p = 0, or above the best point) has no performance-matched
   router: the reduction is null, never extrapolated. So is a relay matched at call ratio 0
@@ -94,6 +112,8 @@ def _round(value: Any) -> Any:
         return float(f"{value:.{_SIGNIFICANT}g}") if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
     return value
 
 
@@ -184,6 +204,97 @@ def _headline(
     return out, notes, matched
 
 
+def _relay_point(values: Mapping[str, float], bias: Any, mode: str) -> dict[str, Any]:
+    return {
+        "call_bias": bias,
+        "call_ratio": float(values["call_ratio"]),
+        "accuracy": float(values["accuracy"]),
+        "mode": mode,
+    }
+
+
+def _relay_points(
+    sweep: Mapping[float, Mapping[str, float]],
+    relay: Mapping[str, float] | None,
+    relay_bias: Any,
+) -> list[dict[str, Any]]:
+    """The relay curve: the sweep's points (by bias) and the relay run's, by call ratio."""
+    points = [_relay_point(v, float(b), "relay_sweep") for b, v in sweep.items()]
+    if relay is not None:
+        points.append(_relay_point(relay, relay_bias, "relay"))
+    return sorted(points, key=lambda p: (p["call_ratio"], p["accuracy"]))
+
+
+def _pareto(
+    points: Sequence[Mapping[str, Any]], curve: Sequence[Mapping[str, float]]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The area between the relay curve (``points``, by call ratio) and the router ``curve``
+    over the relay's share range, or None and why (module docstring)."""
+    if len(points) < 2:
+        return None, (
+            f"{len(points)} relay point(s): a curve needs 2 or more (mode relay_sweep, "
+            "evaluate.call_bias_sweep)"
+        )
+    xs = [p["call_ratio"] for p in points]
+    lo, hi = xs[0], xs[-1]
+    if hi <= lo:
+        return None, f"every relay point has call ratio {lo:.4g}: a range of width 0"
+    gains = []
+    for p in points:
+        at = interpolate_curve(curve, "call_ratio", p["call_ratio"], label="random-router")
+        if not at.ok:
+            return None, (
+                f"the router curve does not cover the relay's call ratios [{lo:.4g}, {hi:.4g}]: "
+                f"{at.reason}"
+            )
+        assert at.values is not None
+        gains.append(p["accuracy"] - at.values["accuracy"])
+    area = sum((xs[i + 1] - xs[i]) * (gains[i] + gains[i + 1]) / 2 for i in range(len(points) - 1))
+    return {"area_vs_router": area, "share_range": [lo, hi], "mean_gain": area / (hi - lo)}, None
+
+
+def _by_budget(
+    points: Sequence[Mapping[str, Any]], curve: Sequence[Mapping[str, float]]
+) -> list[dict[str, Any]]:
+    """Per relay point, the cost reduction against the router matched in accuracy."""
+    out = []
+    for p in points:
+        at = interpolate_curve(curve, "call_ratio", p["call_ratio"], label="random-router")
+        entry: dict[str, Any] = {
+            **p,
+            "router_accuracy_at_share": at.values["accuracy"] if at.values else None,
+            "router_call_ratio": None,
+            "cost_reduction": None,
+            "note": None,
+        }
+        matched = match_accuracy(curve, p["accuracy"])
+        if not matched.ok:
+            entry["note"] = f"no performance-matched router: relay {matched.reason}"
+        else:
+            assert matched.values is not None
+            router = matched.values["call_ratio"]
+            entry["router_call_ratio"] = router
+            entry["cost_reduction"], entry["note"] = _ratio_reduction(
+                p["call_ratio"], router, "call_ratio"
+            )
+        out.append(entry)
+    return out
+
+
+def _macro_relay(
+    per_benchmark: Mapping[str, Mapping[float, Mapping[str, float]]], names: Sequence[str]
+) -> dict[float, dict[str, float]]:
+    """The sweep averaged over benchmarks at each bias every benchmark has."""
+    common = set.intersection(*(set(per_benchmark[b]) for b in names)) if names else set()
+    return {
+        bias: {
+            k: sum(per_benchmark[b][bias][k] for b in names) / len(names)
+            for k in ("call_ratio", "accuracy")
+        }
+        for bias in sorted(common)
+    }
+
+
 def _calibration(
     calibration: Mapping[str, Any] | None,
     benchmarks: Mapping[str, Mapping[str, dict[str, float]]],
@@ -235,12 +346,19 @@ def build_metrics(
     names = sorted(df["benchmark"].unique())
     benchmarks: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[dict[str, float]]] = {}
+    sweeps: dict[str, dict[float, dict[str, float]]] = {}
     notes: dict[str, str] = {}
+    decoding = decoding or {}
     for name in names:
         sub = df[df["benchmark"] == name]
+        single = sub[(sub["router_p"] == NOT_A_ROUTER) & (sub["mode"] != "relay_sweep")]
         modes = {
-            mode: summarize_requests(rows, confidence)
-            for mode, rows in sub[sub["router_p"] == NOT_A_ROUTER].groupby("mode")
+            mode: summarize_requests(rows, confidence) for mode, rows in single.groupby("mode")
+        }
+        swept = sub[sub["mode"] == "relay_sweep"]  # (the schema: they have call_bias)
+        sweeps[name] = {
+            float(b): summarize_requests(rows, confidence)
+            for b, rows in (swept.groupby("call_bias") if len(swept) else ())
         }
         routers = [
             {**summarize_requests(rows, confidence), "router_p": float(p)}
@@ -268,7 +386,18 @@ def build_metrics(
         by_benchmark[name] = h
         notes.update({f"{name}.{k}": v for k, v in h_notes.items()})
 
-    decoding = decoding or {}
+    relay_bias = decoding.get("call_bias", _table_bias(requests))
+    panels = {"average": (macro, _macro_relay(sweeps, names), macro_curve)}
+    panels.update({b: (benchmarks[b], sweeps[b], curves[b]) for b in names})
+    relay_curves, pareto, by_budget = {}, {}, {}
+    for panel, (modes, sweep, curve) in panels.items():
+        points = _relay_points(sweep, modes.get("relay"), relay_bias)
+        relay_curves[panel] = points
+        pareto[panel], why = _pareto(points, curve)
+        if why:
+            notes[f"pareto.{panel}"] = why
+        by_budget[panel] = _by_budget(points, curve)
+
     calibration = _calibration(decoding.get("calibration"), benchmarks, macro)
     metrics: dict[str, Any] = {
         "modes": {m: _round(v) for m, v in macro.items()},
@@ -280,6 +409,9 @@ def build_metrics(
             "average": [_round(p) for p in macro_curve],
             **{b: [_round(p) for p in c] for b, c in curves.items()},
         },
+        "relay_curve": {k: [_round(p) for p in v] for k, v in relay_curves.items()},
+        "pareto": {k: _round(v) if v is not None else None for k, v in pareto.items()},
+        "cost_reduction_by_budget": {k: [_round(p) for p in v] for k, v in by_budget.items()},
         "notes": notes,
         "confidence": confidence,
         "call_bias": decoding.get("call_bias", 0.0),  # a number, or "inf" / "-inf"
@@ -291,6 +423,14 @@ def build_metrics(
         ],
     }
     return metrics
+
+
+def _table_bias(requests: pd.DataFrame) -> float:
+    """The relay rows' call_bias (0 when the table has no such column or no relay rows)."""
+    if "call_bias" not in requests.columns:
+        return 0.0
+    values = requests.loc[requests["mode"] == "relay", "call_bias"]
+    return float(values.iloc[0]) if len(values) else 0.0
 
 
 # The training stages' headline numbers: metrics.json key -> (stage, path in its metrics file).
@@ -417,7 +557,8 @@ def _macro_curve(
 
 
 def plot_points(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """tradeoff.json rows (macro averages): every mode, and every router p, by call ratio."""
+    """tradeoff.json rows (macro averages): every mode, every router p and every relay_sweep
+    bias (``mode`` says which), by call ratio."""
     rows = []
     for point in metrics["router_curve"]["average"]:
         p = point["router_p"]
@@ -438,6 +579,18 @@ def plot_points(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "router_p": NOT_A_ROUTER,
                 "call_ratio": values["call_ratio"],
                 "accuracy": values["accuracy"],
+            }
+        )
+    for point in metrics.get("relay_curve", {}).get("average", []):
+        if point["mode"] != "relay_sweep":
+            continue  # the relay run is the "relay" row above
+        rows.append(
+            {
+                "name": f"relay bias={_bias_text(point['call_bias'])}",
+                "mode": "relay_sweep",
+                "router_p": NOT_A_ROUTER,
+                "call_ratio": point["call_ratio"],
+                "accuracy": point["accuracy"],
             }
         )
     return rows
@@ -465,6 +618,17 @@ def render_png(metrics: Mapping[str, Any]) -> bytes:
                 color="0.6",
                 ms=3,
                 label="random router (p sweep)",
+            )
+        relay = metrics.get("relay_curve", {}).get(panel, [])
+        if len(relay) >= 2:
+            ax.plot(
+                [p["call_ratio"] for p in relay],
+                [p["accuracy"] for p in relay],
+                "-s",
+                color="tab:purple",  # the relay point's colour when every mode is drawn
+                ms=4,
+                alpha=0.8,
+                label="relay (bias sweep)",
             )
         for mode in MODE_ORDER:
             if mode not in modes:
@@ -666,8 +830,60 @@ def render_markdown(metrics: Mapping[str, Any], run_command: str = "") -> str:
     lines += [
         "",
         "p = 0 is the student mode and p = 1 the teacher mode (what the router is at those p).",
-        "",
-        "![accuracy against call ratio](tradeoff.png)",
-        "",
     ]
+    lines += _pareto_lines(metrics, names)
+    lines += ["", "![accuracy against call ratio](tradeoff.png)", ""]
     return "\n".join(lines)
+
+
+def _pareto_lines(metrics: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """report.md's Pareto section: per benchmark and on average, the relay's points (the
+    relay_sweep runs and the relay run) against the router, and the area between the curves.
+    Nothing when no relay_sweep ran."""
+    curves = metrics.get("relay_curve", {})
+    if not any(p["mode"] == "relay_sweep" for c in curves.values() for p in c):
+        return []
+    lines = [
+        "",
+        "## Pareto: relay vs random router",
+        "",
+        "The relay decoded at each `<call>` logit bias of `evaluate.call_bias_sweep` (mode "
+        "relay_sweep, same bounds and budgets) and at its own bias (the relay row, marked *). "
+        "Router accuracy at the relay's teacher share is read off the router sweep; the cost "
+        "reduction is 1 − relay share / share of the router matched in accuracy (null where "
+        "the router does not reach it; summary.json cost_reduction_by_budget says why). "
+        "Area: between the relay and router curves over the relay's share range "
+        "(trapezoids; accuracy × share), and the mean accuracy gain (area / width of the "
+        "range).",
+    ]
+    notes = metrics["notes"]
+    for panel in ["average", *names]:
+        entries = metrics["cost_reduction_by_budget"].get(panel, [])
+        lines += [
+            "",
+            f"### {panel}",
+            "",
+            "| bias | teacher share % | accuracy % | router accuracy % at that share | "
+            "cost reduction vs router at equal accuracy |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for e in entries:
+            star = " *" if e["mode"] == "relay" else ""
+            lines.append(
+                f"| {_bias_text(e['call_bias'])}{star} | {_pct(e['call_ratio'])} | "
+                f"{_pct(e['accuracy'])} | {_pct(e['router_accuracy_at_share'])} | "
+                f"{_fmt(e['cost_reduction'], '.3f')} |"
+            )
+        area = metrics["pareto"].get(panel)
+        if area is None:
+            why = notes.get(f"pareto.{panel}", "no relay points")
+            lines += ["", f"Area vs router: null ({why})."]
+        else:
+            lo, hi = area["share_range"]
+            lines += [
+                "",
+                f"Area vs router over teacher share [{_pct(lo)} %, {_pct(hi)} %]: "
+                f"{area['area_vs_router']:.4g}; mean accuracy gain "
+                f"{100 * area['mean_gain']:+.2f} points.",
+            ]
+    return lines

@@ -13,11 +13,21 @@ relay            GRPO student        ``relay`` (calls answered by the teacher)
 teacher_free     GRPO student        ``student`` (calls blocked: what it learned on its own)
 teacher          (none)              ``teacher`` (the teacher writes everything)
 random_router    bootstrap student   ``random_router`` with ``router_p`` = p, one run per p
+relay_sweep      GRPO student        ``relay`` with ``call_bias`` = b, one run per b
 ===============  ==================  =======================================================
 
 The random router hands each next token to the teacher with probability p, independently
 (DESIGN.md §1), with the bootstrap student writing the rest: it is the no-learning baseline that
 the relay's learned calls are compared with at equal call ratio or equal accuracy.
+
+The relay sweep decodes the relay mode again at each call bias b of ``call_bias_sweep`` (the
+logit bias on the student's ``<call>``, ``RelayConfig.call_bias``), under the relay's bounds
+and budgets: the relay's accuracy against teacher share, the curve the report sets beside the
+router's (its Pareto section). Each row records the bias in effect (``call_bias``): b for
+relay_sweep, the config's bias for relay (``±inf`` as ``±MAX_FINITE_BIAS``: the column holds
+finite floats, and a bias that large is as decisive), 0 for the other modes (no bias acts in
+them). A sweep bias is absolute: it
+replaces the relay's own (calibrated or not), it is not added to it.
 
 The per-request teacher budgets of the bounds (``max_teacher_tokens``, ``max_calls``) are the
 relay's: the decoder enforces them in every mode, so the baselines (``teacher`` and the
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +50,7 @@ from tqdm.auto import tqdm
 
 from relaypipe.bounds import UNBUDGETED
 from relaypipe.evaluate.run import decode_problems
+from relaypipe.relay.backends import MAX_FINITE_BIAS
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.schemas import EVAL_MODES
 from relaypipe.tasks.base import Problem
@@ -64,6 +76,7 @@ MODE_PLAN: dict[str, tuple[str, str]] = {
     # The decoder wants a student backend even when it never asks it: the bootstrap one.
     "teacher": ("student", "teacher"),
     "random_router": ("student", "random_router"),
+    "relay_sweep": ("relay", "relay"),
 }
 assert set(MODE_PLAN) == set(EVAL_MODES)
 
@@ -74,6 +87,7 @@ class ModeRun:
 
     mode: str
     router_p: float = NOT_A_ROUTER
+    call_bias: float | None = None  # relay_sweep's bias (the other modes: the config's)
 
     @property
     def student_role(self) -> str:
@@ -85,11 +99,27 @@ class ModeRun:
 
     @property
     def label(self) -> str:
-        return f"{self.mode} p={self.router_p:g}" if self.mode == "random_router" else self.mode
+        if self.mode == "random_router":
+            return f"{self.mode} p={self.router_p:g}"
+        if self.mode == "relay_sweep":
+            return f"{self.mode} bias={self.call_bias:+g}"
+        return self.mode
+
+    def row_bias(self, config_bias: float) -> float:
+        """The ``call_bias`` column of this run's rows (module docstring)."""
+        if self.mode == "relay_sweep":
+            assert self.call_bias is not None
+            return float(self.call_bias)
+        if self.mode == "relay":
+            return float(max(-MAX_FINITE_BIAS, min(MAX_FINITE_BIAS, config_bias)))
+        return 0.0
 
 
-def plan_runs(modes: Sequence[str], router_ps: Sequence[float]) -> list[ModeRun]:
-    """The runs for ``modes``; ``random_router`` expands to one run per p."""
+def plan_runs(
+    modes: Sequence[str], router_ps: Sequence[float], call_biases: Sequence[float] = ()
+) -> list[ModeRun]:
+    """The runs for ``modes``; ``random_router`` expands to one run per p of ``router_ps``,
+    ``relay_sweep`` to one per bias of ``call_biases`` (finite; at least one)."""
     unknown = [m for m in modes if m not in MODE_PLAN]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; known: {', '.join(EVAL_MODES)}")
@@ -97,6 +127,13 @@ def plan_runs(modes: Sequence[str], router_ps: Sequence[float]) -> list[ModeRun]
     for mode in modes:
         if mode == "random_router":
             runs.extend(ModeRun(mode, float(p)) for p in sorted(set(router_ps)))
+        elif mode == "relay_sweep":
+            if not call_biases:
+                raise ValueError("relay_sweep needs at least one call bias (call_bias_sweep)")
+            bad = [b for b in call_biases if not math.isfinite(b)]
+            if bad:
+                raise ValueError(f"relay_sweep call biases must be finite, got {bad}")
+            runs.extend(ModeRun(mode, call_bias=float(b)) for b in sorted(set(call_biases)))
         else:
             runs.append(ModeRun(mode))
     return runs
@@ -115,7 +152,8 @@ def evaluate_benchmarks(
     """Decode and grade every benchmark in every run; rows shaped like EvalRequestSchema.
 
     ``decoders`` maps a student role (``MODE_PLAN``) to a decoder holding that student and the
-    teacher; ``config`` carries bounds, sampling and seed, and each run sets its mode and p.
+    teacher; ``config`` carries bounds, sampling, seed and the relay's call bias, and each run
+    sets its mode and p (a relay_sweep run its own call bias).
     ``chat_template``: prompts in the tokenizer's chat form, rendered with
     ``chat_template_kwargs`` (as in training).
     """
@@ -129,6 +167,9 @@ def evaluate_benchmarks(
             mode=run.decoder_mode,
             router_p=max(run.router_p, 0.0),
         )
+        if run.call_bias is not None:
+            cfg = dataclasses.replace(cfg, call_bias=run.call_bias)
+        bias = run.row_bias(config.call_bias)
         if run.decoder_mode in UNBUDGETED:
             cfg = dataclasses.replace(cfg, max_teacher_tokens=None, max_calls=None)
         graded = decode_problems(
@@ -147,6 +188,7 @@ def evaluate_benchmarks(
                     "benchmark": name,
                     "mode": run.mode,
                     "router_p": run.router_p,
+                    "call_bias": bias,
                     "problem_id": g.problem.problem_id,
                     "correct": g.correct,
                     "student_tokens": tr.n_student,
@@ -178,6 +220,7 @@ REQUEST_COLUMNS = [
     "benchmark",
     "mode",
     "router_p",
+    "call_bias",
     "problem_id",
     "correct",
     "student_tokens",

@@ -8,9 +8,11 @@ calls, teacher prefill with and without prefix caching, student prefill, latency
 and ``data/eval/models.json`` (which model each mode used and its parameter count, for FLOPs).
 ``report`` turns these into metrics.
 
-Modes (relaypipe/evaluate/suite.py): student, warmup, relay, teacher_free, teacher, and
-random_router at each p of ``router_p``. Greedy by default (``temperature: 0``), like the
-paper's reported numbers.
+Modes (relaypipe/evaluate/suite.py): student, warmup, relay, teacher_free, teacher,
+random_router at each p of ``router_p``, and relay_sweep at each bias of ``call_bias_sweep``
+(the relay mode again, under the same bounds and budgets, with that call bias: the relay's
+accuracy-against-teacher-share curve, which the report sets beside the router's). Greedy by
+default (``temperature: 0``), like the paper's reported numbers.
 
 Bounds and prompt format: every mode decodes under ``bounds`` (relaypipe/bounds.py) and frames
 questions with ``chat_template``/``chat_template_kwargs``. ``bounds: null`` (the default) means
@@ -34,6 +36,9 @@ from (``decoding.call_bias``, ``decoding.call_bias_from``) and the calibration
 (``decoding.calibration``: target, bias, share and accuracy on the held-out set, every point;
 null when off), and the report sets the realised teacher share on each benchmark against the
 target. The bias acts only in mode relay (the other modes' decodes make no honoured calls).
+The relay_sweep biases are absolute, with or without calibration: each replaces the relay's
+bias for its run, it is not added to the calibrated one. Every row records the bias in effect
+(requests.parquet ``call_bias``: the sweep value, the relay's applied bias, 0 elsewhere).
 
 The teacher (``teacher: {path, server}``) is a model directory (in-process) or, with
 ``teacher.server``, a served model (vLLM, ``relaypipe serve``; see relaypipe/teacher.py): the
@@ -68,7 +73,7 @@ from relaypipe.bounds import (
     read_relay_record,
 )
 from relaypipe.calibrate import CalibrationResult, calibrate
-from relaypipe.evaluate.suite import evaluate_benchmarks, plan_runs
+from relaypipe.evaluate.suite import ModeRun, evaluate_benchmarks, plan_runs
 from relaypipe.micro.models import count_parameters
 from relaypipe.models import check_dtype, load_model
 from relaypipe.publish import together
@@ -125,6 +130,9 @@ class CalibrateParams:
 class EvaluateParams:
     modes: list[str] = field(default_factory=lambda: list(EVAL_MODES))
     router_p: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
+    # relay_sweep: one relay run per bias (finite; absolute, not relative to call_bias or the
+    # calibrated bias): the relay's Pareto curve in the report
+    call_bias_sweep: list[float] = field(default_factory=lambda: [-4.0, -2.0, 2.0, 4.0])
     benchmarks: list[str] | None = None  # names under benchmarks_dir (None: every table there)
     limit: int | None = None  # the first N problems of each benchmark (None: all)
     temperature: float = 0.0  # 0: greedy, for student and teacher alike
@@ -166,7 +174,12 @@ class EvaluateParams:
             )
         if self.chat_template is not None:
             check_prompt_options(self.chat_template, self.chat_template_kwargs or {})
-        plan_runs(self.modes, self.router_p)  # unknown modes fail here, naming the key
+        if "relay_sweep" in self.modes and not self.call_bias_sweep:
+            raise ValueError("relay_sweep needs at least one call_bias_sweep value")
+        bad = [b for b in self.call_bias_sweep if not _real(b)]
+        if bad:
+            raise ValueError(f"call_bias_sweep values must be finite numbers, got {bad}")
+        self.runs()  # unknown modes fail here, naming the key
         if not self.modes:
             raise ValueError("modes is empty")
         if "random_router" in self.modes and not self.router_p:
@@ -196,6 +209,10 @@ class EvaluateParams:
                 "teacher.server needs params (the served model's parameter count): the "
                 "report's FLOPs and cost cannot read it from weights behind a server"
             )
+
+    def runs(self) -> list[ModeRun]:
+        """The decodes the modes ask for (router p and sweep biases expanded)."""
+        return plan_runs(self.modes, self.router_p, self.call_bias_sweep)
 
 
 @dataclass(frozen=True)
@@ -356,7 +373,7 @@ def read_inputs(
     benchmarks = load_benchmarks(params)
     held_out = load_held_out(params)
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
-    for role in sorted({r.student_role for r in plan_runs(params.modes, params.router_p)}):
+    for role in sorted({r.student_role for r in params.runs()}):
         param, made_by = STUDENT_MAKERS[role]
         check_model_dir(paths[role], param=param, made_by=made_by)
     if not params.teacher.remote:
@@ -413,7 +430,7 @@ def run(params: EvaluateParams) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
     benchmarks, decoding, held_out = read_inputs(params)
-    runs = plan_runs(params.modes, params.router_p)
+    runs = params.runs()
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     roles = sorted({r.student_role for r in runs})
 

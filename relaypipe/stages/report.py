@@ -12,7 +12,11 @@ sft's and grpo's headline accuracy). Writes, all under ``data/eval/``:
   against the realised one on each benchmark and on average, and their difference),
   ``benchmarks.<name>.<mode>.<metric>``, ``gap_recovered``, ``cost_reduction_vs_matched_router``
   (teacher-token share, the paper's measure), ``cost_reduction_vs_matched_router_flops``, with
-  95 % Wilson intervals for every accuracy, ``router_curve``, ``notes`` saying why any number
+  95 % Wilson intervals for every accuracy, ``router_curve``, the relay's Pareto curve
+  (``relay_curve``: the relay_sweep runs at each call bias and the relay run;
+  ``pareto``: the area between it and the router curve over the relay's share range;
+  ``cost_reduction_by_budget``: per relay point, against the router matched in accuracy),
+  ``notes`` saying why any number
   is null (nothing to compare: no matched router, a relay that never called, no gap) and
   ``warnings`` (those the earlier stages recorded in ``stage_metrics``, plus the report's own;
   they head report.md) (relaypipe/evaluate/report.py has the full shape);
@@ -22,10 +26,13 @@ sft's and grpo's headline accuracy). Writes, all under ``data/eval/``:
   relay accuracy, the number of warnings and, when calibrated, the target and realised teacher
   share (relaypipe/evaluate/report.py ``headline_metrics`` has the shape; nulls are explained
   in summary.json's ``notes``);
-* ``plots/tradeoff.json``: accuracy against call ratio for every mode and router p (DVC plot);
-* ``tradeoff.png``: the same drawn with matplotlib, per benchmark and averaged;
+* ``plots/tradeoff.json``: accuracy against call ratio for every mode, router p and relay_sweep
+  bias (DVC plot);
+* ``tradeoff.png``: the same drawn with matplotlib, per benchmark and averaged (the router
+  sweep and the relay sweep as curves);
 * ``report.md``: the paper-shaped table (rows: modes; columns: benchmarks + average; call % in
-  parentheses), the headline, a per-mode cost table and the router sweep.
+  parentheses), the headline, a per-mode cost table, the router sweep and, when evaluate ran
+  relay_sweep, the section "Pareto: relay vs random router".
 
 Departures from the paper: cost counts teacher prefill (with and without prefix caching),
 FLOPs, money and latency besides the generated-token share; the matched router is interpolated
