@@ -114,7 +114,8 @@ def test_dvc_push_then_pull_into_a_fresh_clone(prefect_api_url, aws_env, s3_endp
     assert list(bench.answer) == ["7", "7", "18"]
     run("git", "add", "-A", cwd=repo, env=env)
     run("git", "commit", "-qm", "prepare", cwd=repo, env=env)
-    pushed = run("dvc", "push", "prepare", cwd=repo, env=env)
+    # --with-deps: prepare's config comes from stage configure, which must travel too
+    pushed = run("dvc", "push", "--with-deps", "prepare", cwd=repo, env=env)
     assert "pushed" in pushed.stdout
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -124,8 +125,9 @@ def test_dvc_push_then_pull_into_a_fresh_clone(prefect_api_url, aws_env, s3_endp
     clone = tmp_path / "clone"
     run("git", "clone", "-q", repo, clone, cwd=tmp_path, env=env)
     assert not (clone / "data/problems/train.parquet").exists()
-    # Only `prepare` ran, so pull its outputs (the other stages have nothing in the remote).
-    run("dvc", "pull", "prepare", cwd=clone, env=env)
+    # Only configure and prepare ran, so pull their outputs (the other stages have nothing in
+    # the remote).
+    run("dvc", "pull", "--with-deps", "prepare", cwd=clone, env=env)
     assert digests(clone) == digests(repo)
     status = run("dvc", "status", "prepare", cwd=clone, env=env).stdout
     assert "up to date" in status
