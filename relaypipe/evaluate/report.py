@@ -813,7 +813,7 @@ def render_markdown(metrics: Mapping[str, Any], run_command: str = "") -> str:
         "FLOPs = 2·params per processed token (generated + prefilled) for each model; "
         '"uncached" charges the teacher its full context at every call instead of what its KV '
         "cache left to prefill. Money: prefill tokens at the input price, generated tokens at "
-        "the output price (`params.yaml:report.prices`). Latency: request wall time in batched "
+        "the output price (`report.prices` of the preset). Latency: request wall time in batched "
         "decoding. See relaypipe/evaluate/cost.py.",
         "",
         "## Random-router sweep (average over benchmarks)",
