@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from relaypipe.cli_args import int_at_least
 from relaypipe.tasks.base import CHAT_INSTRUCTION, PROMPT_TEMPLATE, check_prompt_options
 
 log = logging.getLogger(__name__)
@@ -226,18 +227,7 @@ def read_relay_record(folder: str | Path | None) -> RelayRecord | None:
 UNBOUNDED = "none"  # a budget flag's value for "no budget" (absent: the recorded one)
 
 
-def positive_arg(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-positive_arg.__name__ = "integer >= 1"
+positive_arg = int_at_least(1)  # argparse type: an integer >= 1
 
 
 def budget_arg(text: str) -> int | str:

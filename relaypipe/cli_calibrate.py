@@ -38,48 +38,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relaypipe.bounds import add_bound_arguments, add_prompt_arguments, positive_arg
+from relaypipe.cli_args import finite_float, int_at_least, probability
 
 DEFAULT_PROBLEMS = "data/problems/eval.parquet"
 MODES = ("relay", "fixed_help")  # relaypipe.relay.decoder.CALL_MODES: where a bias acts
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-_share.__name__ = "number in [0, 1]"
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-_finite.__name__ = "finite number"
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-_non_negative.__name__ = "integer >= 0"
 
 
 def add_parser(sub: argparse._SubParsersAction, add_teacher_arguments: Callable) -> None:
@@ -102,17 +64,17 @@ def add_parser(sub: argparse._SubParsersAction, add_teacher_arguments: Callable)
     p.add_argument("--n", type=positive_arg, default=200, help="the first N problems of --problems")
     p.add_argument(
         "--target-share",
-        type=_share,
+        type=probability,
         required=True,
         help="teacher tokens / generated tokens to aim for, in [0, 1]",
     )
     p.add_argument(
         "--tol", type=float, default=0.01, help="a share within this of the target is reached"
     )
-    p.add_argument("--lo", type=_finite, default=-20.0, help="the smallest bias tried")
-    p.add_argument("--hi", type=_finite, default=20.0, help="the largest bias tried")
+    p.add_argument("--lo", type=finite_float, default=-20.0, help="the smallest bias tried")
+    p.add_argument("--hi", type=finite_float, default=20.0, help="the largest bias tried")
     p.add_argument(
-        "--max-iters", type=_non_negative, default=12, help="bisection steps after the two ends"
+        "--max-iters", type=int_at_least(0), default=12, help="bisection steps after the two ends"
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (every decode uses it)")
     p.add_argument("--mode", choices=MODES, default="relay", help="the decode mode to calibrate")

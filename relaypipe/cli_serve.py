@@ -34,6 +34,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from relaypipe.bounds import add_bound_arguments, add_call_bias_argument, add_prompt_arguments
+from relaypipe.cli_args import int_at_least, probability
 
 if TYPE_CHECKING:  # the CLI's --help must not import torch, transformers or the server
     from starlette.applications import Starlette
@@ -121,30 +122,6 @@ OpenAI-style JSON 4xx: {"error": {"message", "type", "param", "code"}}.
 """
 
 
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``serve`` subcommand."""
     p = sub.add_parser(
@@ -155,7 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         epilog=LIMITS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    positive, non_negative = _int_at_least(1), _int_at_least(0)
+    positive, non_negative = int_at_least(1), int_at_least(0)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="mode 'model': serve this model directory (or hub id)")
     what.add_argument("--student", help="mode 'relay': the student model directory")
@@ -211,7 +188,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "else off)",
     )
     add_prompt_arguments(relay)
-    relay.add_argument("--router-p", type=_probability, default=0.1, help="random_router default")
+    relay.add_argument("--router-p", type=probability, default=0.1, help="random_router default")
     relay.add_argument("--fixed-n", type=positive, default=8, help="fixed_help default")
     relay.add_argument("--seed", type=non_negative, default=0, help="seed of unseeded requests")
     add_call_bias_argument(relay, server=True)
