@@ -58,7 +58,11 @@ def resolve(params_path: str | os.PathLike[str] = "params.yaml") -> dict[str, An
     path = Path(params_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: params file not found")
-    data = _load(path)
+    return _resolve_loaded(path, _load(path))
+
+
+def _resolve_loaded(path: Path, data: Any) -> dict[str, Any]:
+    """:func:`resolve` of a file already read (``data``: its YAML)."""
     if not isinstance(data, Mapping):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     if "preset" not in data:
@@ -112,7 +116,7 @@ def section(params_path: str | os.PathLike[str], stage: str) -> dict[str, Any]:
     data = _load(path) if path.is_file() else None
     if not (isinstance(data, Mapping) and "preset" in data):
         return load_yaml_section(path, stage)  # already resolved (or missing: its message)
-    sections = resolve(path)
+    sections = _resolve_loaded(path, data)  # read once
     if not isinstance(sections.get(stage), Mapping):
         raise ParamsError(f"preset {data['preset']!r} has no mapping section {stage!r}")
     return dict(sections[stage])
