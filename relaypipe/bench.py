@@ -81,9 +81,10 @@ from relaypipe.bounds import (
     bias_json,
 )
 from relaypipe.micro.models import ModelSize
-from relaypipe.relay.backends import GenRequest, TransformersBackend
-from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.backends import GenRequest
+from relaypipe.relay.decoder import SCHEDULES, RelayConfig, RelayDecoder
 from relaypipe.relay.trace import RelayTrace
+from relaypipe.relay.transformers_backend import TransformersBackend
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="continuous",
+        help="the relay decoder's schedule (rounds: the earlier one, for comparison)",
+    )
+    p.add_argument(
+        "--forward",
+        choices=("lean", "model"),
+        default="lean",
+        help="lean: the hand-written Llama forward where it applies; model: the model's own",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     add_bound_arguments(p)
     add_prompt_arguments(p)
@@ -334,17 +347,23 @@ def run_benchmark(
     decoding_from: dict[str, str] | None = None,
     call_bias: float = 0.0,
     call_bias_from: str = "default",
+    schedule: str = "continuous",
+    forward: str = "lean",
 ) -> dict[str, Any]:
     """Measure every mode for every batch size on ``pair``; returns the JSON-able results.
 
     ``bounds`` and ``prompt``: what every decode runs under and how questions are framed
     (``decoding_from``: where they came from, for the results' config); ``call_bias``: the
-    bias of the ``calls`` decode (mode relay), ``call_bias_from`` where it came from."""
+    bias of the ``calls`` decode (mode relay), ``call_bias_from`` where it came from;
+    ``schedule``: the decoder's (continuous or rounds); ``forward``: ``lean`` (the hand-written
+    Llama forward where it applies) or ``model`` (the model's own)."""
     from relaypipe.tasks.base import format_prompt
 
     student, teacher, tok = pair.student, pair.teacher, pair.tokenizer
-    s_back, t_back = TransformersBackend(student, name="student"), TransformersBackend(teacher)
-    dec = RelayDecoder(s_back, t_back, tok)
+    fast = None if forward == "lean" else False
+    s_back = TransformersBackend(student, name="student", fast=fast)
+    t_back = TransformersBackend(teacher, name="teacher", fast=fast)
+    dec = RelayDecoder(s_back, t_back, tok, schedule=schedule)
     prompt = prompt or PromptFormat()
     texts = [format_prompt(q, tok, **prompt.format_kwargs()) for q in questions]
     prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
@@ -492,6 +511,8 @@ def run_benchmark(
             "call_bias": bias_json(call_bias),
             "call_bias_from": call_bias_from,
             "repeats": repeats,
+            "schedule": schedule,
+            "forward": {"student": s_back.fast, "teacher": t_back.fast},
             "threads": torch.get_num_threads(),
             "device": device,
             "sampling": "greedy",
@@ -626,6 +647,8 @@ def run(args: argparse.Namespace) -> int:
             decoding_from={"bounds": decoding.bounds_from, "prompt": decoding.prompt_from},
             call_bias=decoding.call_bias,
             call_bias_from=decoding.call_bias_from,
+            schedule=args.schedule,
+            forward=args.forward,
         )
     finally:
         torch.set_num_threads(threads)

@@ -208,8 +208,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     from relaypipe import cli_serve
     from relaypipe.models import load_model
-    from relaypipe.relay.backends import Sampling, TransformersBackend
     from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+    from relaypipe.relay.sampling import Sampling
+    from relaypipe.relay.transformers_backend import TransformersBackend
     from relaypipe.render import render_trace, summary_line
 
     try:

@@ -2,6 +2,7 @@
 
 relaypipe bench --batch-sizes 1,8,32 --router-ps 0,0.05,0.2 --out bench.json
 relaypipe bench --pair realistic --batch-sizes 1,8 --router-ps 0.05 --repeats 5
+relaypipe bench --pair realistic --schedule rounds --forward model   # the alternatives
 
 The options are defined here rather than taken from :mod:`relaypipe.bench` (which imports
 torch) so that ``relaypipe --help`` stays fast; tests/test_cli_fast.py checks that both define
@@ -19,6 +20,7 @@ DEFAULT_PROBLEMS = "data/problems/eval.parquet"  # relaypipe.bench.DEFAULT_PROBL
 DEFAULT_STUDENT = "data/models/student"  # relaypipe.bench.DEFAULT_STUDENT
 DEFAULT_TEACHER = "data/models/teacher"  # relaypipe.bench.DEFAULT_TEACHER
 PAIRS = ("micro", "realistic")  # relaypipe.bench.PAIRS
+SCHEDULES = ("continuous", "rounds")  # relaypipe.relay.decoder.SCHEDULES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +52,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="continuous",
+        help="the relay decoder's schedule: continuous (each step, one forward per model for "
+        "the requests it holds) or rounds (the earlier one: every request with a model waits "
+        "for the batch's longest call), for comparison",
+    )
+    p.add_argument(
+        "--forward",
+        choices=("lean", "model"),
+        default="lean",
+        help="lean: the hand-written Llama forward where it applies; model: the model's own",
+    )
     p.add_argument(
         "--out", type=Path, default=None, help="write the results as JSON here (None: don't)"
     )

@@ -144,8 +144,9 @@ def run(args: argparse.Namespace) -> int:
     from relaypipe import cli_serve
     from relaypipe.calibrate import calibrate, write_calibration
     from relaypipe.models import load_model
-    from relaypipe.relay.backends import Sampling, TransformersBackend
     from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+    from relaypipe.relay.sampling import Sampling
+    from relaypipe.relay.transformers_backend import TransformersBackend
 
     try:
         config = RelayConfig(

@@ -198,8 +198,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def build_app(args: argparse.Namespace) -> Starlette:
     """The app ``args`` describe (loads the models); separate from :func:`run` for tests."""
     from relaypipe.models import load_model
-    from relaypipe.relay.backends import TransformersBackend
     from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+    from relaypipe.relay.transformers_backend import TransformersBackend
     from relaypipe.serve import RelayEngine, ServeLimits, build_model_engine, make_app
 
     try:

@@ -235,7 +235,7 @@ def build_teacher(
     """
     validate_teacher_options(url, model_name)
     from relaypipe.models import load_model, load_tokenizer
-    from relaypipe.relay.backends import TransformersBackend
+    from relaypipe.relay.transformers_backend import TransformersBackend
 
     if url:
         from relaypipe.relay.http_backend import HTTPBackend

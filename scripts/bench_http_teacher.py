@@ -24,9 +24,9 @@ import httpx
 import torch
 
 from relaypipe.models import load_model
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.http_backend import HTTPBackend
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.tasks.arith import ArithSpec, generate
 from relaypipe.tasks.base import format_prompt
 

@@ -29,8 +29,8 @@ from relaypipe.evaluate.call_sites import call_sites
 from relaypipe.evaluate.run import decode_problems, summarize
 from relaypipe.io import read_table
 from relaypipe.models import load_model
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.schemas import ProblemSchema, frame_to_problems
 
 

@@ -20,8 +20,8 @@ import torch
 from relaypipe.evaluate.run import decode_problems
 from relaypipe.io import read_table
 from relaypipe.models import load_model
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.schemas import ProblemSchema, frame_to_problems
 from relaypipe.tasks.grading import is_correct
 

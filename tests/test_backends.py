@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from relaypipe.relay import backends
-from relaypipe.relay.backends import (
+from relaypipe.relay import sampling
+from relaypipe.relay.backends import GenRequest
+from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.kv_store import KVStore, SlotRows
+from relaypipe.relay.sampling import (
     MAX_TEMPERATURE,
     MAX_TOP_K,
     MIN_TEMPERATURE,
     MIN_TOP_P,
-    GenRequest,
     Sampling,
-    TransformersBackend,
     sample_next,
 )
-from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.transformers_backend import TransformersBackend
 
 PROMPTS = ["Q: 1+2\nA: ", "Q: 33+4+5+6\nA: ", "Q: 5\nA: ", "Q: 12+1\nA: 7"]
 
@@ -76,14 +77,15 @@ def test_lean_forward_matches_the_model_forward(tiny_models, tokenizer):
     n = len(ctx)
     for model in tiny_models:
         backend = TransformersBackend(model, fast=True)
-        layers, heads, dim = backend._geometry
-        kv = torch.zeros(layers, 2, 1, heads, n, dim)
+        store = KVStore(*backend._geometry, dtype=torch.float32, device="cpu")
+        store.acquire()
+        store.reserve(n)
         cols = torch.arange(n)
         backend._sync()  # reads the weights
         with torch.inference_mode():
             want = model(torch.tensor([ctx])).logits[0, -1]
             got = backend._runner(
-                torch.tensor([ctx]), cols[None], kv, n, None, cols, cols[:1, None]
+                torch.tensor([ctx]), SlotRows(store, [0], cols[None], n), cols, None
             )
         torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
         hf = TransformersBackend(model, fast=False)
@@ -333,7 +335,7 @@ def test_the_server_accepts_exactly_what_sampling_accepts():
     from relaypipe.serve.engines import CompletionParams
 
     for const in ("MIN_TEMPERATURE", "MAX_TEMPERATURE", "MIN_TOP_P", "MAX_TOP_K"):
-        assert getattr(protocol, const) is getattr(backends, const)
+        assert getattr(protocol, const) is getattr(sampling, const)
     limits = protocol.ServeLimits()
     ctx = protocol.RequestContext(vocab_size=100, limits=limits)
     edges = {

@@ -13,8 +13,8 @@ import torch
 
 from relaypipe import bench, cli_bench
 from relaypipe.micro.models import ModelSize, build_model
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.transformers_backend import TransformersBackend
 
 TINY_STUDENT = ModelSize(32, 1, 2, 64)
 TINY_TEACHER = ModelSize(48, 2, 4, 96)

@@ -18,9 +18,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
+from relaypipe.relay.sampling import Sampling
 from relaypipe.relay.trace import RelayTrace, Source, StopReason
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.serve import (
     ApiError,
     CompletionParams,

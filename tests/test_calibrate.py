@@ -21,9 +21,11 @@ from relaypipe.calibrate import (
     teacher_share,
     write_calibration,
 )
-from relaypipe.relay.backends import GenResult, Sampling, TransformersBackend
+from relaypipe.relay.backends import GenResult
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.grammar import CALL_OPEN
+from relaypipe.relay.sampling import Sampling
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.tasks.base import Problem
 from tests.test_call_bias import CommandBodies
 

@@ -16,10 +16,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from relaypipe.relay.backends import GenRequest, GenResult, Sampling, TransformersBackend
+from relaypipe.relay.backends import GenRequest, GenResult
 from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
 from relaypipe.relay.grammar import CALL_OPEN
+from relaypipe.relay.sampling import Sampling
 from relaypipe.relay.trace import Source
+from relaypipe.relay.transformers_backend import TransformersBackend
 from tests.test_decoder import ScriptedBackend
 
 C = Source.COMMAND
@@ -401,6 +403,7 @@ class CommandBodies:
     the model's own, logit bias included. The untrained model decides *when* to call."""
 
     supports_logit_bias = True
+    open_stream = None  # scripted through generate: the decoder's round schedule (BatchLane)
 
     def __init__(self, backend: TransformersBackend, tokenizer, body: str = "6"):
         self.backend = backend

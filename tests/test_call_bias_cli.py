@@ -36,7 +36,7 @@ from relaypipe.calibrate import CALIBRATION_FILE, read_calibration
 from relaypipe.cli_serve import add_parser, build_app
 from relaypipe.config import ConfigError, build
 from relaypipe.io import write_table
-from relaypipe.relay import backends
+from relaypipe.relay import transformers_backend
 from relaypipe.relay.trace import Source
 from relaypipe.schemas import ProblemSchema, problems_to_frame
 from relaypipe.serve import ServerThread
@@ -61,7 +61,7 @@ class Bodies(CommandBodies):
 def scripted(monkeypatch, tokenizer):
     """Every TransformersBackend the commands and the stage build around the tiny student
     scripts its command bodies."""
-    real = backends.TransformersBackend
+    real = transformers_backend.TransformersBackend
 
     def make(model, *args, **kwargs):
         backend = real(model, *args, **kwargs)
@@ -69,7 +69,7 @@ def scripted(monkeypatch, tokenizer):
             return Bodies(backend, tokenizer)
         return backend
 
-    for module in (backends, bench, evaluate):
+    for module in (transformers_backend, bench, evaluate):
         monkeypatch.setattr(module, "TransformersBackend", make)
 
 

@@ -11,10 +11,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from relaypipe.relay.backends import GenRequest, GenResult, Sampling, TransformersBackend
+from relaypipe.relay.backends import GenRequest, GenResult
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN
+from relaypipe.relay.sampling import Sampling
 from relaypipe.relay.trace import Source, StopReason
+from relaypipe.relay.transformers_backend import TransformersBackend
 
 S, T, C = Source.STUDENT, Source.TEACHER, Source.COMMAND
 

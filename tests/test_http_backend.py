@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from relaypipe.relay.backends import GenRequest, GenResult, Sampling, TransformersBackend
+from relaypipe.relay.backends import GenRequest, GenResult
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.http_backend import (
     HTTPBackend,
@@ -29,7 +29,9 @@ from relaypipe.relay.http_backend import (
     TeacherUnavailable,
     completions_url,
 )
+from relaypipe.relay.sampling import Sampling
 from relaypipe.relay.trace import Source, StopReason
+from relaypipe.relay.transformers_backend import TransformersBackend
 
 FAST = {"timeout_s": 0.3, "backoff_s": 0.01, "max_retries": 2}
 

@@ -31,9 +31,9 @@ from relaypipe.importing import (
     save_import,
 )
 from relaypipe.models import load_model
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN
+from relaypipe.relay.transformers_backend import TransformersBackend
 
 EOT = "<|endoftext|>"
 CHAT = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}{{ eos_token }}"

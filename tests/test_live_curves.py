@@ -181,8 +181,8 @@ def test_grpo_curves_keep_the_relay_metrics(tokenizer, tiny_models, tmp_path):
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl import GRPOConfig, GRPOTrainer
 
-    from relaypipe.relay.backends import TransformersBackend
     from relaypipe.relay.decoder import RelayConfig
+    from relaypipe.relay.transformers_backend import TransformersBackend
     from relaypipe.train.rewards import difficulty_aware_reward
     from relaypipe.train.rollout import make_relay_rollout
 

@@ -12,9 +12,10 @@ import httpx
 import pytest
 
 from relaypipe.cli_serve import add_parser, build_app
-from relaypipe.relay.backends import GenRequest, TransformersBackend
+from relaypipe.relay.backends import GenRequest
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.http_backend import HTTPBackend
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.serve import ModelEngine, RelayEngine, ServeLimits, ServerThread, make_app
 
 PROMPTS = ["Q: 1+2\nA: ", "Q: 33+4+5\nA: ", "Q: 5\nA: ", "Q: 12+1\nA: "]
@@ -529,7 +530,7 @@ class EchoEngine:
 
 
 def test_the_batcher_isolates_failures_and_skips_cancelled_jobs():
-    from relaypipe.relay.backends import Sampling
+    from relaypipe.relay.sampling import Sampling
     from relaypipe.serve import CompletionParams, Job, MicroBatcher
 
     params = CompletionParams(max_tokens=1, sampling=Sampling())

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from relaypipe.micro.tokenizer import build_char_tokenizer
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.serve import (
     RELAY_MAX_SEED,
     CompletionRequest,

@@ -15,10 +15,10 @@ from relaypipe.cli_serve import add_parser, build_app
 from relaypipe.micro.models import ModelSize, build_model
 from relaypipe.micro.tokenizer import build_char_tokenizer
 from relaypipe.models import load_model
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.http_backend import HTTPBackend, TeacherUnavailable
 from relaypipe.relay.trace import Source
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.serve import ServerThread
 from relaypipe.teacher import (
     REMOTE_TEACHER_RECORD,

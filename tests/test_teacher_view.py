@@ -23,10 +23,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from relaypipe.micro.tokenizer import build_char_tokenizer
-from relaypipe.relay.backends import GenRequest, GenResult, Sampling, TransformersBackend
+from relaypipe.relay.backends import GenRequest, GenResult
 from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
 from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN, TAG_PREFIXES
+from relaypipe.relay.sampling import Sampling
 from relaypipe.relay.trace import RelayTrace, Source
+from relaypipe.relay.transformers_backend import TransformersBackend
 from tests.test_decoder import RoutedDecoder, ScriptedBackend, byte_tokenizer
 
 S, T, C = Source.STUDENT, Source.TEACHER, Source.COMMAND

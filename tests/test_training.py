@@ -11,10 +11,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.grammar import parse_call, strip_calls
 from relaypipe.relay.trace import Source
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.train.rewards import difficulty_aware_reward
 from relaypipe.train.rollout import make_relay_rollout, rollout_fields
 from relaypipe.train.warmup import (

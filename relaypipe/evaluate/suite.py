@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 
 from relaypipe.bounds import UNBUDGETED
 from relaypipe.evaluate.run import decode_problems
-from relaypipe.relay.backends import MAX_FINITE_BIAS
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.sampling import MAX_FINITE_BIAS
 from relaypipe.schemas import EVAL_MODES
 from relaypipe.tasks.base import Problem
 

@@ -15,8 +15,8 @@ from relaypipe.io import atomic_path
 from relaypipe.micro.models import ModelSize, build_model, count_parameters
 from relaypipe.micro.tokenizer import build_char_tokenizer
 from relaypipe.micro.train_lm import TrainSpec, train_causal_lm
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayDecoder
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.tasks.base import Problem
 
 log = logging.getLogger(__name__)

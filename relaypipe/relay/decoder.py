@@ -6,10 +6,24 @@ or hits a bound. A command ``<call>n</call>`` hands the pen to the teacher, whic
 tokens join both views and the student resumes. The student's view keeps its own command, so
 it knows it asked.
 
-The batch advances in rounds: all requests waiting for the student take one batched student
-call, then all requests waiting for the teacher take one batched teacher call. Requests never
-wait for a batch-mate's hand-off to finish inside a round, and every request has its own RNG,
-so sampling is reproducible for a seed.
+Scheduling is continuous (:mod:`relaypipe.relay.lanes`): with in-process models every step is
+one batched student forward for all requests currently with the student and one batched teacher
+forward for all requests currently with the teacher; a request that closes a command joins the
+teacher's next step, one whose teacher span ends joins the student's next step, and nobody
+waits for a batch-mate. A model behind a URL gets each request as its own call (its engine
+batches them). Every request has its own RNG streams, so its tokens are the same whatever the
+schedule, batch and batch-mates (floating-point noise aside).
+
+On one device the two models' forwards take turns, so every teacher forward stalls every
+request, and a hand-off's teacher forward is mostly the prefill of what the student wrote since
+the teacher last saw it. ``teacher_hold`` lets a new hand-off wait while the student has work,
+up to that many student steps (or until the teacher is mid-run anyway), so that hand-offs
+share teacher forwards; ``"auto"`` (the default) holds as many student steps as one teacher
+step takes (measured as the decode goes). A lone request never waits: with the student idle
+the teacher runs at once. Measured on the realistic bench pair (random router, 5 %, batch 8):
+``relaypipe bench`` in docs/lab-notes.md. ``schedule="rounds"`` keeps the
+earlier schedule for comparison (``relaypipe bench --schedule rounds``): all requests with the
+student take one batched call until each stops, then all with the teacher take one.
 
 Modes:
   relay          commands are honoured (within budgets)
@@ -108,13 +122,16 @@ from itertools import count
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from relaypipe.relay.backends import Backend, GenRequest, GenResult, Sampling, _is_real
+from relaypipe.relay.backends import Backend, GenRequest, GenResult
 from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN, MalformedCall, parse_call_body
+from relaypipe.relay.lanes import Lane, open_lane, wait_for_any
+from relaypipe.relay.sampling import Sampling, is_real
 from relaypipe.relay.trace import CallEvent, HandOff, RelayTrace, Source, StopReason
 
 log = logging.getLogger(__name__)
 
 MODES = ("relay", "student", "teacher", "random_router", "fixed_help")
+SCHEDULES = ("continuous", "rounds")  # RelayDecoder(schedule=...): see the module docstring
 CALL_MODES = ("relay", "fixed_help")  # the modes that honour the student's calls (call_bias)
 _decode_ids = count()
 
@@ -152,7 +169,7 @@ class RelayConfig:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
         if not 0.0 <= self.router_p <= 1.0:
             raise ValueError(f"router_p must be in [0, 1], got {self.router_p}")
-        if not _is_real(self.call_bias) or math.isnan(self.call_bias):
+        if not is_real(self.call_bias) or math.isnan(self.call_bias):
             raise ValueError(
                 f"call_bias must be a number (finite, or +-inf), got {self.call_bias!r}"
             )
@@ -175,7 +192,28 @@ class _State:
     requested: int = 0
     next_router_switch: int = 0  # random_router: generated-token index of the next teacher token
     started: float = 0.0
+    submitted: float = 0.0  # when its current backend request was submitted
+    request: GenRequest | None = None  # its current backend request
     split: bool = False  # call_bias: the last student call stopped at <call>; its turn goes on
+
+
+class _Pace:
+    """How long the student's and the teacher's steps take (moving averages), for the
+    teacher's automatic hold: new hand-offs may wait as many student steps as one teacher
+    step costs, so that several share the teacher's forward (module docstring)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float | None] = [None, None]  # student, teacher
+
+    def add(self, teacher: bool, seconds: float) -> None:
+        old = self.seconds[teacher]
+        self.seconds[teacher] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def hold(self) -> int:
+        student, teacher = self.seconds
+        if not student or teacher is None:
+            return 0
+        return min(64, round(teacher / student))
 
 
 class RelayDecoder:
@@ -187,7 +225,15 @@ class RelayDecoder:
         teacher: Backend,
         tokenizer: PreTrainedTokenizerBase,
         config: RelayConfig | None = None,
+        schedule: str = "continuous",
+        teacher_hold: int | str = "auto",
     ):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+        self.schedule = schedule
+        if teacher_hold != "auto" and not (isinstance(teacher_hold, int) and teacher_hold >= 0):
+            raise ValueError(f"teacher_hold must be 'auto' or an integer >= 0: {teacher_hold!r}")
+        self.teacher_hold = teacher_hold
         self.student = student
         self.teacher = teacher
         self.tokenizer = tokenizer
@@ -226,17 +272,46 @@ class RelayDecoder:
         states = [
             self._new_state(first_id + i, list(p), cfg, batch_id, t0) for i, p in enumerate(prompts)
         ]
+        # with a call bias the student also stops at an open tag: the body is written unbiased
+        stops = [self.close_id, self.open_id] if cfg.biased else [self.close_id]
+        rounds = self.schedule == "rounds"
+        student = open_lane(self.student, frozenset(stops), cfg.student_sampling, rounds)
+        auto = self.teacher_hold == "auto"
+        hold = 0 if auto else int(self.teacher_hold)
+        teacher = open_lane(self.teacher, frozenset(), cfg.teacher_sampling, rounds, hold)
+        pace = _Pace() if auto else None
+        by_key = {s.key: s for s in states}
+        tokens = sum(len(p) + cfg.max_new_tokens for p in prompts)
+        for backend in {id(b): b for b in (self.student, self.teacher)}.values():
+            estimate = getattr(backend, "log_memory_estimate", None)
+            if callable(estimate):  # the most key/value memory this decode may take
+                estimate(len(states), tokens)
         try:
-            while True:
-                waiting_student = [s for s in states if s.phase == "student"]
-                waiting_teacher = [s for s in states if s.phase == "teacher"]
-                if not waiting_student and not waiting_teacher:
-                    break
-                if waiting_student:
-                    self._student_round(waiting_student, cfg)
-                if waiting_teacher:
-                    self._teacher_round(waiting_teacher, cfg)
+            for s in states:
+                self._dispatch(s, cfg, student, teacher)
+            while len(student) or len(teacher):
+                computed = False
+                for lane, after, other in (
+                    (student, self._after_student, teacher),
+                    (teacher, self._after_teacher, student),
+                ):
+                    if not lane.due(len(other) > 0):
+                        continue
+                    computed |= lane.computes and len(lane) > 0
+                    t = time.perf_counter()
+                    done = lane.poll()
+                    if pace is not None and lane.computes:
+                        pace.add(lane is teacher, time.perf_counter() - t)
+                        teacher.hold = pace.hold()
+                    for key, res in done:
+                        st = by_key[key]
+                        after(st, res, cfg)
+                        self._dispatch(st, cfg, student, teacher)
+                if not computed:
+                    wait_for_any([student, teacher])
         finally:
+            student.close()
+            teacher.close()
             for s in states:
                 self.student.release(s.key)
                 self.teacher.release(s.key)
@@ -338,34 +413,29 @@ class RelayDecoder:
     def _room(self, st: _State, cfg: RelayConfig) -> int:
         return cfg.max_new_tokens - len(st.trace.token_ids)
 
-    def _student_round(self, states: list[_State], cfg: RelayConfig) -> None:
-        reqs, asked = [], []
-        for st in states:
+    def _dispatch(self, st: _State, cfg: RelayConfig, student: Lane, teacher: Lane) -> None:
+        """Send a request to the model whose turn it is (nothing once it is done)."""
+        routed = st.phase == "student" and cfg.mode == "random_router"
+        if routed and st.next_router_switch <= len(st.trace.token_ids):
+            # the router gives the very next token to the teacher (budgets allowing)
+            self._route_to_teacher(st, cfg)
+        if st.phase == "done":
+            return
+        if st.phase == "student":
             limit = self._room(st, cfg)
             if cfg.mode == "random_router":
-                if st.next_router_switch <= len(st.trace.token_ids):
-                    # the router gives the very next token to the teacher (budgets allowing)
-                    self._route_to_teacher(st, cfg)
-                    if st.phase == "teacher":
-                        continue
                 limit = min(limit, st.next_router_switch - len(st.trace.token_ids))
-            asked.append(st)
-            reqs.append(
-                GenRequest(
-                    key=st.key,
-                    context=st.trace.prompt_ids + st.trace.token_ids,
-                    max_new_tokens=limit,
-                    generator=st.student_gen,
-                    logit_bias=self._call_bias(st, cfg),
-                )
-            )
-        # with a call bias the student also stops at an open tag: the body is written unbiased
-        stops = [self.close_id, self.open_id] if cfg.biased else [self.close_id]
-        results = self.student.generate(
-            reqs, stop_token_ids=frozenset(stops), sampling=cfg.student_sampling
+            context = st.trace.prompt_ids + st.trace.token_ids
+            bias = self._call_bias(st, cfg)
+            lane, gen = student, st.student_gen
+        else:
+            context, limit, bias = self._teacher_view(st), st.grant, None
+            lane, gen = teacher, st.teacher_gen
+        st.request = GenRequest(
+            key=st.key, context=context, max_new_tokens=limit, generator=gen, logit_bias=bias
         )
-        for st, res in zip(asked, results, strict=True):
-            self._after_student(st, res, cfg)
+        st.submitted = time.perf_counter()
+        lane.submit(st.request)
 
     def _call_bias(self, st: _State, cfg: RelayConfig) -> dict[int, float] | None:
         """The student request's logit bias: ``call_bias`` on the open tag outside a command
@@ -510,54 +580,41 @@ class RelayDecoder:
             tr.events.append(CallEvent(close, "clipped", f"{requested} -> {limit} by {bound}"))
         st.phase, st.requested, st.grant = "teacher", requested, min(requested, limit)
 
-    def _teacher_round(self, states: list[_State], cfg: RelayConfig) -> None:
-        reqs = []
-        for st in states:
-            reqs.append(
-                GenRequest(
-                    key=st.key,
-                    context=self._teacher_view(st),
-                    max_new_tokens=st.grant,
-                    generator=st.teacher_gen,
-                )
+    def _after_teacher(self, st: _State, res: GenResult, cfg: RelayConfig) -> None:
+        tr, req = st.trace, st.request
+        assert req is not None
+        start = len(tr.token_ids)
+        tr.token_ids.extend(res.tokens)
+        tr.sources.extend([Source.TEACHER] * len(res.tokens))
+        tr.handoffs.append(
+            HandOff(
+                start=start,
+                requested=st.requested,
+                granted=st.grant,
+                delivered=len(res.tokens),
+                prefill_tokens=res.prefill_tokens,
+                context_tokens=len(req.context),
+                seconds=time.perf_counter() - st.submitted,
             )
-        t = time.perf_counter()
-        results = self.teacher.generate(reqs, sampling=cfg.teacher_sampling)
-        seconds = time.perf_counter() - t
-        for st, req, res in zip(states, reqs, results, strict=True):
-            tr = st.trace
-            start = len(tr.token_ids)
-            tr.token_ids.extend(res.tokens)
-            tr.sources.extend([Source.TEACHER] * len(res.tokens))
-            tr.handoffs.append(
-                HandOff(
-                    start=start,
-                    requested=st.requested,
-                    granted=st.grant,
-                    delivered=len(res.tokens),
-                    prefill_tokens=res.prefill_tokens,
-                    context_tokens=len(req.context),
-                    seconds=seconds,
-                )
-            )
-            failed = res.finish == "error"
-            if failed:
-                tr.events.append(CallEvent(start, "teacher_error", res.error or "teacher failed"))
-            if res.finish == "eos":
-                self._finish(st, StopReason.TEACHER_EOS)
-            elif self._room(st, cfg) <= 0:
-                self._finish(st, StopReason.MAX_NEW_TOKENS)
-            elif failed and cfg.mode == "teacher":  # nobody else may write: end it unanswered
-                self._finish(st, StopReason.TEACHER_ERROR)
-            elif cfg.mode == "teacher" and self._out_of_teacher_tokens(st, cfg):
-                self._finish(st, StopReason.MAX_TEACHER_TOKENS)  # nobody else may write
-            else:
-                st.phase = "student"
-                if cfg.mode == "random_router":
-                    # the token after a whole teacher run is the student's: the draw that
-                    # ended the run was that token's (a run the teacher cut short decided
-                    # nothing about the next token: it is drawn afresh)
-                    whole = len(res.tokens) == st.requested
-                    st.next_router_switch = self._next_router_switch(st, cfg, decided=int(whole))
-                    if failed:  # the student writes a token before the router may retry
-                        st.next_router_switch = max(st.next_router_switch, start + 1)
+        )
+        failed = res.finish == "error"
+        if failed:
+            tr.events.append(CallEvent(start, "teacher_error", res.error or "teacher failed"))
+        if res.finish == "eos":
+            self._finish(st, StopReason.TEACHER_EOS)
+        elif self._room(st, cfg) <= 0:
+            self._finish(st, StopReason.MAX_NEW_TOKENS)
+        elif failed and cfg.mode == "teacher":  # nobody else may write: end it unanswered
+            self._finish(st, StopReason.TEACHER_ERROR)
+        elif cfg.mode == "teacher" and self._out_of_teacher_tokens(st, cfg):
+            self._finish(st, StopReason.MAX_TEACHER_TOKENS)  # nobody else may write
+        else:
+            st.phase = "student"
+            if cfg.mode == "random_router":
+                # the token after a whole teacher run is the student's: the draw that ended
+                # the run was that token's (a run the teacher cut short decided nothing about
+                # the next token: it is drawn afresh)
+                whole = len(res.tokens) == st.requested
+                st.next_router_switch = self._next_router_switch(st, cfg, decided=int(whole))
+                if failed:  # the student writes a token before the router may retry
+                    st.next_router_switch = max(st.next_router_switch, start + 1)

@@ -52,7 +52,8 @@ import httpx
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from relaypipe.relay.backends import GenRequest, GenResult, Sampling
+from relaypipe.relay.backends import GenRequest, GenResult
+from relaypipe.relay.sampling import Sampling
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,11 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from relaypipe.relay.backends import GenRequest, Sampling, TransformersBackend
+from relaypipe.relay.backends import GenRequest
 from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
+from relaypipe.relay.sampling import Sampling
 from relaypipe.relay.trace import RelayTrace, Source, StopReason
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.serve.protocol import (
     MAX_SEED,
     ApiError,

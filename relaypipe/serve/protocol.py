@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse
 
 # the sampling bounds are Sampling's own, so a request the server accepts always samples
-from relaypipe.relay.backends import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, MIN_TOP_P
+from relaypipe.relay.sampling import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, MIN_TOP_P
 
 MAX_INT64 = 2**63 - 1
 MAX_SEED = MAX_INT64  # seeds are in [0, 2**63); engines may narrow this (see RelayEngine)

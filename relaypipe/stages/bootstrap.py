@@ -180,7 +180,7 @@ def _local_teacher(
 ) -> Teacher:
     """Import (or reuse) the in-process teacher, fine-tune it if asked, save it."""
     from relaypipe.importing import load_for_import, save_import
-    from relaypipe.relay.backends import TransformersBackend
+    from relaypipe.relay.transformers_backend import TransformersBackend
     from relaypipe.teacher import check_same_tokenizer
 
     assert params.teacher_source is not None
@@ -210,8 +210,8 @@ def run_pretrained(
     """Import (and optionally fine-tune) the pair, save it, measure it."""
     from relaypipe.importing import load_for_import, save_import
     from relaypipe.models import pick_device
-    from relaypipe.relay.backends import TransformersBackend
     from relaypipe.relay.decoder import RelayDecoder
+    from relaypipe.relay.transformers_backend import TransformersBackend
     from relaypipe.teacher import build_teacher, write_remote_teacher_dir
 
     assert params.student_source is not None  # checked in __post_init__

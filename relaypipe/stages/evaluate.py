@@ -77,8 +77,9 @@ from relaypipe.evaluate.suite import ModeRun, evaluate_benchmarks, plan_runs
 from relaypipe.micro.models import count_parameters
 from relaypipe.models import check_dtype, load_model
 from relaypipe.publish import together
-from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.sampling import Sampling
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.schemas import EVAL_MODES, EvalRequestSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.stages.inputs import MissingInputError, StageInputError, check_model_dir, check_table

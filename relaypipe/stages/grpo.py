@@ -58,8 +58,9 @@ from relaypipe.evaluate.run import decode_problems, summarize
 from relaypipe.io import atomic_path, read_json, read_table, write_json
 from relaypipe.models import check_dtype, load_model, pick_device, trainer_precision
 from relaypipe.publish import staged_by_launcher, staged_for_launch, together
-from relaypipe.relay.backends import Sampling, TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.sampling import Sampling
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.schemas import FilteredProblemSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.stages.inputs import (

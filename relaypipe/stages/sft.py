@@ -45,9 +45,9 @@ from relaypipe.evaluate.run import decode_problems, summarize
 from relaypipe.io import atomic_path, read_table, write_json
 from relaypipe.models import check_dtype, load_model, load_tokenizer, pick_device, trainer_precision
 from relaypipe.publish import staged_by_launcher, staged_for_launch, together
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.stages.inputs import StageInputError, check_model_dir, check_table

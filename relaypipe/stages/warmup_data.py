@@ -32,8 +32,8 @@ import torch
 from relaypipe.checks import enforce, warmup_findings
 from relaypipe.models import check_dtype, load_model
 from relaypipe.publish import together
-from relaypipe.relay.backends import TransformersBackend
 from relaypipe.relay.decoder import RelayDecoder
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.schemas import ProblemSchema, SFTExampleSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.stages.inputs import StageInputError, check_model_dir, check_table

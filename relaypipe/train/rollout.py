@@ -17,9 +17,11 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from relaypipe.relay.backends import Backend, Sampling, TransformersBackend
+from relaypipe.relay.backends import Backend
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.sampling import Sampling
 from relaypipe.relay.trace import RelayTrace, StopReason
+from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.tasks.grading import reader_text
 
 log = logging.getLogger(__name__)

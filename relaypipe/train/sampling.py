@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from relaypipe.evaluate.run import Graded, decode_problems
-from relaypipe.relay.backends import Sampling
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.sampling import Sampling
 from relaypipe.tasks.base import Problem
 
 
