@@ -3,7 +3,10 @@
     relaypipe decode --student data/models/student --teacher data/models/teacher \\
         --prompt "3+4+8+1+9+2"
 
-prints each answer with the teacher's tokens marked ⟦like this⟧ and a one-line summary.
+prints each answer with the teacher's tokens marked ⟦like this⟧ and a one-line summary. Either
+model may be a server instead (``--teacher-url``/``--teacher-model``;
+``--student-url``/``--student-model`` with ``--student-tokenizer``, the local folder holding
+the served student's tokenizer; see :mod:`relaypipe.student`).
 
 A student that a training stage wrote (``data/models/relay``, ``data/models/warmup``) carries
 ``relay.json``: the bounds and prompt format it was trained with. ``decode``, ``serve`` and
@@ -119,14 +122,18 @@ def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _decode_parser(sub: argparse._SubParsersAction, add_teacher_arguments: Callable) -> None:
+def _decode_parser(
+    sub: argparse._SubParsersAction,
+    add_teacher_arguments: Callable,
+    add_student_arguments: Callable,
+) -> None:
     p = sub.add_parser(
         "decode",
         help="relay-decode prompts between a student and a teacher",
         description="Decode prompts with a student that hands tokens to a teacher when it "
         "writes a call, and print each answer with the teacher's tokens marked.",
     )
-    p.add_argument("--student", required=True, help="student model directory (or hub id)")
+    add_student_arguments(p, required=True)
     add_teacher_arguments(p, required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a question (repeatable)")
@@ -204,13 +211,13 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if args.raw and (args.chat_template or args.chat_template_kwargs is not None):
         raise SystemExit("error: --raw sends prompts as-is; drop --chat-template(-kwargs) or --raw")
     questions = _read_questions(args)
-    decoding = resolve_decoding(args, args.student, f"{PROG} decode")
-
     from relaypipe import cli_serve
-    from relaypipe.models import load_model
+
+    folder = cli_serve.student_folder(args)  # --student, or --student-url's tokenizer folder
+    decoding = resolve_decoding(args, folder, f"{PROG} decode")
+
     from relaypipe.relay.decoder import RelayConfig, RelayDecoder
     from relaypipe.relay.sampling import Sampling
-    from relaypipe.relay.transformers_backend import TransformersBackend
     from relaypipe.render import render_trace, summary_line
 
     try:
@@ -227,12 +234,15 @@ def cmd_decode(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    student, tok = load_model(args.student, device=args.device)
+    student = cli_serve.build_student(args)
+    tok = student.tokenizer
     prompts = _prompts(args, questions, tok, decoding.prompt)
     teacher = cli_serve.build_teacher(args, tok)
-    decoder = RelayDecoder(TransformersBackend(student), teacher, tok, cfg)
+    decoder = RelayDecoder(student.backend, teacher, tok, cfg)
     colour = sys.stdout.isatty() and not args.json
-    for prompt, trace in zip(prompts, decoder.decode_text(prompts), strict=True):
+    with student:
+        traces = decoder.decode_text(prompts)
+    for prompt, trace in zip(prompts, traces, strict=True):
         if args.json:
             row = dataclasses.asdict(trace)
             from relaypipe.tasks.grading import reader_text
@@ -269,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{errors.TRACEBACK_ENV}=1 does)",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    _decode_parser(sub, cli_serve.add_teacher_arguments)
+    _decode_parser(sub, cli_serve.add_teacher_arguments, cli_serve.add_student_arguments)
     cli_serve.add_parser(sub)
     cli_bench.add_parser(sub)
     cli_calibrate.add_parser(sub, cli_serve.add_teacher_arguments)

@@ -4,6 +4,15 @@
     relaypipe serve --student data/models/student --teacher data/models/teacher   # the relay
     relaypipe serve --student data/models/student \\
         --teacher-url http://gpu-box:8000/v1 --teacher-model Qwen/Qwen3-8B --teacher-format text
+    relaypipe serve --student-url http://gpu-a:8001/v1 --student-model student \\
+        --student-tokenizer data/models/relay \\
+        --teacher-url http://gpu-b:8000/v1 --teacher-model teacher      # a stateless proxy
+
+The student, like the teacher, is a model directory (in-process) or a server
+(``--student-url``/``--student-model``, speaking token ids in the tokenizer of
+``--student-tokenizer``, a local folder that must hold the ``<call>``/``</call>`` tokens; see
+:mod:`relaypipe.student`). With both behind URLs the relay server loads no model: it holds no
+state between requests and only routes tokens between the two servers.
 
 The API key is read from an environment variable (``--api-key-env``, default
 ``RELAYPIPE_API_KEY``) rather than a flag, so it never shows up in the process list; when
@@ -42,46 +51,147 @@ if TYPE_CHECKING:  # the CLI's --help must not import torch, transformers or the
 log = logging.getLogger(__name__)
 
 
+def add_server_arguments(
+    group: Any,
+    role: str,
+    *,
+    required: bool,
+    dir_help: str,
+    choice: Any = None,
+    timeout_s: float = 60.0,
+    concurrency: int = 8,
+    text_and_skip: bool = True,
+) -> None:
+    """A model given as ``--ROLE DIR`` (in-process) or ``--ROLE-url URL`` (a server), and the
+    options of the URL: ``--ROLE-model``, ``--ROLE-api-key-env``, ``--ROLE-timeout``,
+    ``--ROLE-retries``, ``--ROLE-concurrency``, and with ``text_and_skip`` (the teacher; a
+    student has neither choice) ``--ROLE-format`` and ``--on-ROLE-failure``. ``choice``: the
+    mutually exclusive group the two forms join (a new one, required or not, by default).
+    Read back with :func:`http_options` and :func:`check_server_flags`."""
+    either = choice or group.add_mutually_exclusive_group(required=required)
+    either.add_argument(f"--{role}", help=dir_help)
+    either.add_argument(f"--{role}-url", help=f"an OpenAI-compatible server for the {role}")
+    group.add_argument(f"--{role}-model", help=f"model name at --{role}-url")
+    if text_and_skip:
+        group.add_argument(f"--{role}-format", choices=("tokens", "text"), default="tokens")
+    group.add_argument(f"--{role}-api-key-env", default=None, help="env var with its key")
+    group.add_argument(f"--{role}-timeout", type=float, default=timeout_s)
+    group.add_argument(f"--{role}-retries", type=int, default=3)
+    group.add_argument(f"--{role}-concurrency", type=int, default=concurrency)
+    if text_and_skip:
+        group.add_argument(f"--on-{role}-failure", choices=("fail", "skip"), default="skip")
+
+
 def add_teacher_arguments(group: Any, *, required: bool) -> None:
     """The teacher options shared by ``decode`` and ``serve``: in-process or behind a URL."""
-    teacher = group.add_mutually_exclusive_group(required=required)
-    teacher.add_argument("--teacher", help="teacher model directory (in-process)")
-    teacher.add_argument("--teacher-url", help="an OpenAI-compatible server for the teacher")
-    group.add_argument("--teacher-model", help="model name at --teacher-url")
-    group.add_argument("--teacher-format", choices=("tokens", "text"), default="tokens")
-    group.add_argument("--teacher-api-key-env", default=None, help="env var with its key")
-    group.add_argument("--teacher-timeout", type=float, default=60.0)
-    group.add_argument("--teacher-retries", type=int, default=3)
-    group.add_argument("--teacher-concurrency", type=int, default=8)
-    group.add_argument("--on-teacher-failure", choices=("fail", "skip"), default="skip")
+    add_server_arguments(
+        group, "teacher", required=required, dir_help="teacher model directory (in-process)"
+    )
+
+
+def add_student_arguments(group: Any, *, required: bool, choice: Any = None) -> None:
+    """The student options shared by ``decode`` and ``serve``: ``--student DIR`` or
+    ``--student-url`` with ``--student-model`` and ``--student-tokenizer`` (module
+    :mod:`relaypipe.student`)."""
+    add_server_arguments(
+        group,
+        "student",
+        required=required,
+        choice=choice,
+        dir_help="student model directory (in-process; or a hub id)",
+        text_and_skip=False,
+    )
+    group.add_argument(
+        "--student-tokenizer",
+        help="with --student-url: a local folder with the served student's tokenizer, "
+        "<call>/</call> included (its own model folder; its relay.json and call_bias.json "
+        "are read too)",
+    )
+
+
+def check_server_flags(args: argparse.Namespace, role: str) -> None:
+    """A URL needs a model name and vice versa (a brief exit naming the flags)."""
+    url, model = getattr(args, f"{role}_url"), getattr(args, f"{role}_model")
+    if url and not model:
+        raise SystemExit(
+            f"error: --{role}-url needs --{role}-model (the model name the server serves)"
+        )
+    if model and not url:
+        raise SystemExit(f"error: --{role}-model is only used with --{role}-url")
+
+
+def http_options(args: argparse.Namespace, role: str) -> Any:
+    """The :class:`~relaypipe.remote.HTTPOptions` of ``role``'s URL flags (a student speaks
+    token ids and fails on a failure: it has no flags for either)."""
+    from relaypipe.remote import HTTPOptions
+
+    return HTTPOptions(
+        prompt_format=getattr(args, f"{role}_format", "tokens"),
+        api_key_env=getattr(args, f"{role}_api_key_env"),
+        timeout_s=getattr(args, f"{role}_timeout"),
+        max_retries=getattr(args, f"{role}_retries"),
+        concurrency=getattr(args, f"{role}_concurrency"),
+        on_failure=getattr(args, f"on_{role}_failure", "fail"),
+    )
+
+
+def student_folder(args: argparse.Namespace) -> str:
+    """The local folder of the student: ``--student``, or with ``--student-url`` its
+    ``--student-tokenizer`` (where relay.json and call_bias.json are looked for too); a brief
+    exit naming the flags when they do not fit together."""
+    check_server_flags(args, "student")
+    tokenizer = getattr(args, "student_tokenizer", None)
+    if args.student_url:
+        if not tokenizer:
+            raise SystemExit(
+                "error: --student-url needs --student-tokenizer DIR: a local folder with the "
+                "served student's tokenizer, its <call>/</call> tokens included (the student's "
+                "own model folder)"
+            )
+        return tokenizer
+    if tokenizer:
+        raise SystemExit(
+            "error: --student-tokenizer is only used with --student-url (a --student "
+            "directory has its own tokenizer)"
+        )
+    return args.student
+
+
+def build_student(args: argparse.Namespace) -> Any:
+    """The student the arguments describe (a :class:`relaypipe.student.Student`), through
+    :func:`relaypipe.student.build_student`; a served one is checked against the server's
+    model list and its tokenizer folder for the call tokens."""
+    from relaypipe.student import build_student as student_factory
+
+    folder = student_folder(args)
+    try:
+        return student_factory(
+            folder,
+            url=args.student_url,
+            model_name=args.student_model,
+            http=http_options(args, "student") if args.student_url else None,
+            device=args.device,
+            dtype=getattr(args, "dtype", "auto"),
+            what="--student-tokenizer",
+        )
+    except ValueError as err:  # bad options, a tokenizer without the call tokens
+        raise SystemExit(f"error: {err}") from err
 
 
 def build_teacher(args: argparse.Namespace, tok: Any) -> Any:
     """The teacher backend the arguments describe, through :func:`relaypipe.teacher.build_teacher`
     (the factory the stages use): checked against the server's model list when remote, against
     the student's tokenizer when in-process."""
-    from relaypipe.teacher import HTTPOptions
     from relaypipe.teacher import build_teacher as teacher_factory
 
-    if args.teacher_url and not args.teacher_model:
-        raise SystemExit("error: --teacher-url needs --teacher-model")
-    if args.teacher_model and not args.teacher_url:
-        raise SystemExit("error: --teacher-model is only used with --teacher-url")
+    check_server_flags(args, "teacher")
     try:
-        http = HTTPOptions(
-            prompt_format=args.teacher_format,
-            api_key_env=args.teacher_api_key_env,
-            timeout_s=args.teacher_timeout,
-            max_retries=args.teacher_retries,
-            concurrency=args.teacher_concurrency,
-            on_failure=args.on_teacher_failure,
-        )
         teacher = teacher_factory(
             args.teacher,
             tok,
             url=args.teacher_url,
             model_name=args.teacher_model,
-            http=http,
+            http=http_options(args, "teacher"),
             device=args.device,
             dtype=getattr(args, "dtype", "float32"),
         )
@@ -135,7 +245,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     positive, non_negative = int_at_least(1), int_at_least(0)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="mode 'model': serve this model directory (or hub id)")
-    what.add_argument("--student", help="mode 'relay': the student model directory")
     p.add_argument("--name", help="the served model id (default: the directory, or 'relay')")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -165,7 +274,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="prefix-cache slots: >= concurrent relay requests",
     )
 
-    relay = p.add_argument_group("relay mode")
+    relay = p.add_argument_group("relay mode (--student DIR or --student-url URL)")
+    add_student_arguments(relay, required=False, choice=what)
     add_teacher_arguments(relay, required=False)
     relay.add_argument(
         "--relay-mode", choices=MODES, default="relay", help="the mode of requests that name none"
@@ -197,9 +307,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def build_app(args: argparse.Namespace) -> Starlette:
     """The app ``args`` describe (loads the models); separate from :func:`run` for tests."""
-    from relaypipe.models import load_model
     from relaypipe.relay.decoder import RelayConfig, RelayDecoder
-    from relaypipe.relay.transformers_backend import TransformersBackend
     from relaypipe.serve import RelayEngine, ServeLimits, build_model_engine, make_app
 
     try:
@@ -216,6 +324,10 @@ def build_app(args: argparse.Namespace) -> Starlette:
     if args.model:
         if args.teacher or args.teacher_url:
             raise SystemExit("error: --teacher/--teacher-url belong to relay mode (--student)")
+        if args.student_model or args.student_tokenizer:
+            raise SystemExit(
+                "error: --student-model/--student-tokenizer belong to relay mode (--student-url)"
+            )
         engine = build_model_engine(
             args.model,
             name=args.name,
@@ -228,7 +340,8 @@ def build_app(args: argparse.Namespace) -> Starlette:
 
     if not (args.teacher or args.teacher_url):
         raise SystemExit("error: relay mode needs --teacher or --teacher-url")
-    decoding = _relay_decoding(args)
+    folder = student_folder(args)  # the flags fit together before anything is loaded
+    decoding = _relay_decoding(args, folder)
     allowed = getattr(args, "allowed_modes", None)
     if allowed is not None and args.relay_mode not in allowed:
         modes = " ".join(allowed)
@@ -246,9 +359,10 @@ def build_app(args: argparse.Namespace) -> Starlette:
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    student, tok = load_model(args.student, device=args.device, dtype=args.dtype)
+    student = build_student(args)
+    tok = student.tokenizer
     teacher = build_teacher(args, tok)
-    decoder = RelayDecoder(TransformersBackend(student, name="student"), teacher, tok, config)
+    decoder = RelayDecoder(student.backend, teacher, tok, config)
     try:
         engine = RelayEngine(decoder, args.name or "relay", config, allowed_modes=allowed)
     except ValueError as err:  # a seed the decoder cannot scale, say
@@ -285,9 +399,9 @@ def build_app(args: argparse.Namespace) -> Starlette:
     return make_app(engine, api_key=api_key, limits=limits, frame_prompt=framer, card=card)
 
 
-def _relay_decoding(args: argparse.Namespace) -> Any:
-    """The caps, prompt format and default call bias: flags, else the student's relay.json
-    (call_bias.json), else the defaults."""
+def _relay_decoding(args: argparse.Namespace, folder: str) -> Any:
+    """The caps, prompt format and default call bias: flags, else the student folder's
+    relay.json (call_bias.json), else the defaults."""
     from relaypipe.calibrate import resolve_command
 
     if getattr(args, "frame_prompts", None) is False and (
@@ -298,7 +412,7 @@ def _relay_decoding(args: argparse.Namespace) -> Any:
             "error: --no-frame-prompts sends prompts as they are; drop --chat-template(-kwargs)"
         )
     try:
-        return resolve_command(args.student, args)
+        return resolve_command(folder, args)
     except ValueError as err:  # a cap out of range, kwargs without a chat template
         raise SystemExit(f"error: {err}") from err
 

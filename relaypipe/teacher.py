@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from relaypipe.relay.backends import Backend
+from relaypipe.remote import HTTPOptions, ModelServer, connect, validate_server_options
 
 log = logging.getLogger(__name__)
 
@@ -52,51 +53,10 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 
 @dataclass(frozen=True)
-class HTTPOptions:
-    """How to talk to a served teacher (see :class:`relaypipe.relay.http_backend.HTTPBackend`)."""
-
-    prompt_format: str = "tokens"  # tokens: ids in/out (same tokenizer); text: re-tokenized
-    api_key_env: str | None = "RELAYPIPE_TEACHER_API_KEY"  # env var holding the key, if any
-    timeout_s: float = 120.0
-    max_retries: int = 3
-    concurrency: int = 32
-    # "fail" by default in a pipeline: a run whose teacher silently dropped out (skip) would
-    # be recorded as a relay result while being partly teacher-free.
-    on_failure: str = "fail"
-    check: bool = True  # list the server's models at start-up (fails fast on a wrong URL/name)
-
-    def __post_init__(self) -> None:
-        if self.prompt_format not in ("tokens", "text"):
-            raise ValueError(f"prompt_format must be tokens or text, got {self.prompt_format!r}")
-        if self.on_failure not in ("fail", "skip"):
-            raise ValueError(f"on_failure must be fail or skip, got {self.on_failure!r}")
-        if self.timeout_s <= 0 or self.max_retries < 0 or self.concurrency < 1:
-            raise ValueError("need timeout_s > 0, max_retries >= 0 and concurrency >= 1")
-
-
-@dataclass(frozen=True)
-class TeacherServer:
+class TeacherServer(ModelServer):
     """A teacher served at an OpenAI-compatible ``/v1/completions`` URL (vLLM, ``relaypipe
-    serve --model``), as every stage names it."""
-
-    url: str  # e.g. http://gpu-box:8000/v1
-    model: str  # the model name the server serves (checked at start-up unless http.check: false)
-    http: HTTPOptions = field(default_factory=HTTPOptions)
-    # its parameter count: the evaluate stage needs it (the report's FLOPs and cost cannot read
-    # it from weights behind a server); bootstrap records it in bootstrap.json; others ignore it
-    params: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.url.strip():
-            raise ValueError("url is empty (an OpenAI-compatible server, e.g. http://host:8000/v1)")
-        if not self.model.strip():
-            raise ValueError("model is empty (the model name the server serves)")
-        if self.params is not None and self.params < 1:
-            raise ValueError(f"params must be >= 1 or null, got {self.params}")
-
-    @property
-    def where(self) -> str:
-        return f"{self.model} at {self.url}"
+    serve --model``), as every stage names it (fields: :class:`~relaypipe.remote.ModelServer`;
+    ``params``: the evaluate stage needs it, bootstrap records it in bootstrap.json)."""
 
 
 @dataclass(frozen=True)
@@ -143,10 +103,7 @@ MOVED_TEACHER_KEYS = {
 
 def validate_teacher_options(url: str | None, model: str | None) -> None:
     """For a stage's ``__post_init__``: a URL needs a model name and vice versa."""
-    if url and not model:
-        raise ValueError("teacher_url needs teacher_model (the model name the server serves)")
-    if model and not url:
-        raise ValueError("teacher_model is only used with teacher_url; set both or neither")
+    validate_server_options(url, model, "teacher")
 
 
 @dataclass
@@ -238,33 +195,12 @@ def build_teacher(
     from relaypipe.relay.transformers_backend import TransformersBackend
 
     if url:
-        from relaypipe.relay.http_backend import HTTPBackend
-
-        opts = http or HTTPOptions()
         if tokenizer is None:
             if path is None:
                 raise ValueError("a URL teacher needs a tokenizer or a directory holding one")
             tokenizer = load_tokenizer(path)
-        backend = HTTPBackend(
-            url,
-            model_name or "",
-            tokenizer,
-            prompt_format=opts.prompt_format,
-            api_key_env=opts.api_key_env,
-            timeout_s=opts.timeout_s,
-            max_retries=opts.max_retries,
-            concurrency=opts.concurrency,
-            on_failure=opts.on_failure,
-        )
-        try:
-            if opts.check:
-                backend.check()
-        except BaseException:
-            backend.close()
-            raise
-        where = f"{model_name} at {url}"
-        log.info("teacher: %s (%s prompts)", where, opts.prompt_format)
-        return Teacher(backend, tokenizer, None, where, [backend])
+        backend = connect(url, model_name or "", tokenizer, http or HTTPOptions(), "teacher")
+        return Teacher(backend, tokenizer, None, f"{model_name} at {url}", [backend])
 
     if path is None:
         raise ValueError("no teacher: give a model directory (teacher.path) or a server URL")

@@ -10,6 +10,7 @@ the tests can check both the results and how many attempts each request needed.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 import threading
@@ -106,6 +107,17 @@ class FaultServer:
             del choice["token_ids"]
         elif action == "ok_cached":
             usage["prompt_tokens_details"] = {"cached_tokens": 3}
+        elif action.startswith("ok_stop"):  # "tt" then the (first) stop id asked for
+            stop = body["stop_token_ids"][0]
+            ids = {
+                "ok_stop": [t_id, t_id, stop],  # as vLLM: the stop id kept, named in stop_reason
+                "ok_stop_dropped": [t_id, t_id],  # a server that leaves it out
+                "ok_stop_ignored": [t_id, t_id, stop, t_id, t_id],  # ignores stop_token_ids
+                "ok_stop_at_length": [t_id] * (n - 1) + [stop],  # vLLM says "length" here
+            }[action]
+            finish = "length" if action in ("ok_stop_ignored", "ok_stop_at_length") else "stop"
+            reason = stop if finish == "stop" else None
+            choice.update(text="tt", finish_reason=finish, stop_reason=reason, token_ids=ids)
         if action.startswith("ok"):
             self._send(h, 200, {"choices": [choice], "usage": usage})
         elif action.isdigit():
@@ -280,6 +292,53 @@ def test_eos_is_not_appended_past_max_new_tokens(server, backend_factory, tokeni
     server.script["a"].append("ok_eos_dropped")
     (a,) = backend_factory().generate(reqs(tokenizer, "a", n=2))
     assert (a.tokens, a.finish) == (t_ids(tokenizer, 2), "eos")
+
+
+@pytest.mark.parametrize(
+    "action", ["ok_stop", "ok_stop_dropped", "ok_stop_ignored", "ok_stop_at_length"]
+)
+def test_a_stop_token_is_kept_however_the_server_reports_it(
+    server, backend_factory, tokenizer, action
+):
+    close = tokenizer.convert_tokens_to_ids("</call>")
+    server.script["a"].append(action)
+    n = 3 if action == "ok_stop_at_length" else 6
+    (a,) = backend_factory().generate(reqs(tokenizer, "a", n=n), stop_token_ids=frozenset({close}))
+    assert (a.tokens, a.finish) == ([*t_ids(tokenizer, 2), close], "stop")
+    assert server.bodies[0]["stop_token_ids"] == [close]
+
+
+def test_a_stop_reason_that_is_no_stop_token_is_an_eos(server, backend_factory, tokenizer):
+    server.script["a"].append("ok_eos_dropped")  # finish "stop", no stop_reason
+    close = tokenizer.convert_tokens_to_ids("</call>")
+    (a,) = backend_factory().generate(reqs(tokenizer, "a", n=6), stop_token_ids=frozenset({close}))
+    assert (a.tokens, a.finish) == ([*t_ids(tokenizer, 2), tokenizer.eos_token_id], "eos")
+
+
+def test_logit_bias_is_sent_within_openais_range(server, backend_factory, tokenizer):
+    backend = backend_factory()
+    assert backend.supports_logit_bias
+    (r,) = reqs(tokenizer, "a")
+    r.logit_bias = {5: 2.5, 6: math.inf, 7: -math.inf, 8: -1e9}
+    backend.generate([r])
+    assert server.bodies[0]["logit_bias"] == {"5": 2.5, "6": 100.0, "7": -100.0, "8": -100.0}
+    r.logit_bias = {5: math.nan}
+    with pytest.raises(ValueError, match=r"logit_bias\[5\]"):
+        backend.generate([r])
+    assert len(server.bodies) == 1  # refused before anything was sent
+
+
+def test_a_student_needs_ids_and_says_which_side_failed(server, backend_factory, tokenizer):
+    with pytest.raises(ValueError, match="a student server needs prompt_format='tokens'"):
+        backend_factory(role="student", on_failure="skip")
+    student = backend_factory(role="student")
+    server.script["a"].append("ok_text_only")
+    with pytest.raises(TeacherConfigError, match=r"student server 'fake' .*without token_ids") as e:
+        student.generate(reqs(tokenizer, "a"))
+    assert e.value.role == "student" and e.value.attempts == 1
+    server.script["b"].extend(["500"] * 3)
+    with pytest.raises(TeacherUnavailable, match=r"^student server .* 3 attempt\(s\): HTTP 500"):
+        student.generate(reqs(tokenizer, "b"))
 
 
 def test_text_format_sends_text_and_retokenizes(server, backend_factory, tokenizer):

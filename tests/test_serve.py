@@ -166,6 +166,50 @@ def test_models_and_health(guarded_server):
 OK = {"model": "teacher", "prompt": "Q: 1\nA: ", "max_tokens": 4}
 
 
+def test_stop_token_ids_keep_the_stop_token_and_name_it(teacher_server, tiny_models, tokenizer):
+    """As vLLM: the stop id is the last of token_ids and the choice's stop_reason."""
+    prompt = tokenizer("Q: 7+8\nA: ", add_special_tokens=False).input_ids
+    free = TransformersBackend(tiny_models[1]).generate([GenRequest("x", prompt, 8)])[0]
+    stop = free.tokens[2]  # a token the teacher writes third, greedily
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "stop_token_ids": [stop]}
+    (choice,) = post(teacher_server, body).json()["choices"]
+    cut = free.tokens.index(stop) + 1
+    assert choice["token_ids"] == free.tokens[:cut] and choice["stop_reason"] == stop
+    assert choice["finish_reason"] == "stop"
+    (plain,) = post(teacher_server, {**body, "stop_token_ids": None}).json()["choices"]
+    assert plain["stop_reason"] is None
+
+
+def test_logit_bias_acts_as_in_process(teacher_server, tiny_models, tokenizer):
+    prompt = tokenizer("Q: 7+8\nA: ", add_special_tokens=False).input_ids
+    backend = TransformersBackend(tiny_models[1])
+    free = backend.generate([GenRequest("x", prompt, 6)])[0]
+    bias = {free.tokens[0]: -100.0, 9: 7.5}  # ban its first pick, push another token
+    want = backend.generate([GenRequest("y", prompt, 6, logit_bias=bias)])[0]
+    assert want.tokens != free.tokens
+    wire = {str(k): v for k, v in bias.items()}
+    r = post(
+        teacher_server, {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logit_bias": wire}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == want.tokens
+    # batch-mates without a bias are untouched by one with it
+    with ThreadPoolExecutor(4) as pool:
+        bodies = [{"prompt": prompt, "max_tokens": 6, "temperature": 0}] * 3
+        bodies.append({**bodies[0], "logit_bias": wire})
+        got = [
+            r.json()["choices"][0]["token_ids"]
+            for r in pool.map(lambda b: post(teacher_server, b), bodies)
+        ]
+    assert got == [free.tokens] * 3 + [want.tokens]
+
+
+def test_relay_mode_refuses_logit_bias(relay_server):
+    r = post(relay_server, {"prompt": "Q: 1\nA: ", "max_tokens": 3, "logit_bias": {"5": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    assert "relay.call_bias" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param", "words"),
     [
@@ -186,6 +230,12 @@ OK = {"model": "teacher", "prompt": "Q: 1\nA: ", "max_tokens": 4}
         ({**OK, "stream": True}, 400, "stream", "not supported"),
         ({**OK, "n": 2}, 400, "n", "not supported"),
         ({**OK, "stop": ["\n"]}, 400, "stop", "not supported"),
+        ({**OK, "logit_bias": {"x": 1}}, 400, "logit_bias", "token ids (decimal strings)"),
+        ({**OK, "logit_bias": {"-1": 1}}, 400, "logit_bias", "token ids (decimal strings)"),
+        ({**OK, "logit_bias": {"99999": 1}}, 400, "logit_bias", "outside the vocabulary"),
+        ({**OK, "logit_bias": {"5": 100.5}}, 400, "logit_bias", "in [-100, 100]"),
+        ({**OK, "logit_bias": {"5": True}}, 400, "logit_bias", "in [-100, 100]"),
+        ({**OK, "logit_bias": [5]}, 400, "logit_bias", "must be an object"),
         ({**OK, "relay": {"mode": "teacher"}}, 400, "relay", "relay-mode server"),
         ({**OK, "model": "gpt-4"}, 404, "model", "does not exist"),
         ({**OK, "model": 3}, 400, "model", "must be a string"),

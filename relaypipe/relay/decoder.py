@@ -100,8 +100,8 @@ that gives a target teacher share). ``0`` (the default) is today's decode, token
 * How: the student request carries ``GenRequest.logit_bias = {open_id: call_bias}`` (OpenAI's
   ``logit_bias``, in logit units), applied by the backend before temperature, top-k and top-p,
   greedy or sampled; the student backend must have ``supports_logit_bias`` (the in-process
-  backend does; :class:`~relaypipe.relay.http_backend.HTTPBackend` does not yet: it would send
-  the map as ``logit_bias``, whose values OpenAI-style servers clamp to [-100, 100]), else a
+  backend does, and :class:`~relaypipe.relay.http_backend.HTTPBackend`, which sends it as
+  OpenAI's ``logit_bias``, its values clamped to [-100, 100] as such servers do), else a
   non-zero bias is refused before decoding.
 * ``-inf`` never opens a command, so the student never calls (the open tag is banned; a
   stray ``</call>`` it may still write is a malformed stray close, as without a bias);

@@ -1,9 +1,10 @@
-"""A teacher (or any model) behind an OpenAI-compatible ``/v1/completions`` server.
+"""A teacher or a student behind an OpenAI-compatible ``/v1/completions`` server.
 
 :class:`HTTPBackend` implements the :class:`~relaypipe.relay.backends.Backend` protocol, so the
 relay decoder can borrow tokens from vLLM, SGLang, llama.cpp, a hosted API or
-``relaypipe serve`` exactly as it does from an in-process model. What the decoder relies on,
-and how this backend keeps it true over a network:
+``relaypipe serve`` exactly as it does from an in-process model, and so can the student it
+decodes with (``role="student"``). What the decoder relies on, and how this backend keeps it
+true over a network:
 
 * **Exact token boundaries.** With ``prompt_format="tokens"`` (the default, for a server whose
   tokenizer is ours) the context is sent as token ids and the server is asked for the ids it
@@ -16,6 +17,24 @@ and how this backend keeps it true over a network:
   it). Servers report ``finish_reason="stop"`` but often drop the EOS token from ``text`` (and
   sometimes from ids), so on ``"stop"`` the tokenizer's EOS id is appended when the returned
   tokens do not already end in one (unless that would exceed ``max_new_tokens``).
+* **Stop tokens are kept.** The student is asked to stop at ``</call>`` (and ``<call>`` under a
+  call bias) with vLLM's ``stop_token_ids`` extension, and the decoder needs that token at the
+  end of the result (``finish="stop"``: the student's view keeps its own command). vLLM
+  (v0 ``StopChecker`` and v1 ``check_stop``) stops *after* appending the token, so it is the
+  last of the returned ``token_ids``; the text leaves it out (call tags are special tokens),
+  and ``stop_reason`` names its id (``None`` for EOS). What this backend relies on, in order:
+  a returned id list ending in a stop id is ``"stop"`` whatever ``finish_reason`` says (vLLM
+  reports ``"length"`` when the stop token was also the ``max_tokens``-th); a ``"stop"`` whose
+  ``stop_reason`` is one of our stop ids but whose ids lack it gets it appended; a server
+  that ignored ``stop_token_ids`` and ran past one is cut right after the first stop id
+  (logged once). A student needs the generated ids: its commands are special tokens that no
+  text carries, so a student server that returns text only is a configuration error.
+* **Logit bias.** A request's ``logit_bias`` (the relay's ``call_bias``) is sent as OpenAI's
+  ``logit_bias`` (string token-id keys). OpenAI-style servers (vLLM, ``relaypipe serve``) take
+  values in [-100, 100] (vLLM clamps, OpenAI and ``relaypipe serve`` refuse the rest), so larger
+  values, ``+inf`` (force) and ``-inf`` (ban) included, are sent as +-100: no logit gap of a
+  real model comes near 100, so the pick is the in-process one in practice, but a ban or a
+  force is then only a very strong push.
 * **Accounting is what came back.** ``tokens`` are the returned tokens, never the
   ``max_tokens`` asked for; ``prefill_tokens`` is ``usage.prompt_tokens`` less
   ``usage.prompt_tokens_details.cached_tokens`` (the server's prefix cache, like our
@@ -32,7 +51,13 @@ and how this backend keeps it true over a network:
   (``on_failure="skip"``), which the decoder records as a ``teacher_error`` event before
   handing the pen back to the student. 401/403/404 mean the backend is misconfigured (wrong
   key, URL or model name): they raise :class:`TeacherConfigError` under either policy, since
-  skipping would silently turn a whole run teacher-free.
+  skipping would silently turn a whole run teacher-free. A student has nobody to skip to:
+  ``role="student"`` only fails. The exceptions keep their (historical) teacher names for
+  callers that catch them; their ``role`` and message say which side failed.
+* **Threads.** ``generate`` may be called from several threads at once (one-request lists
+  run in the caller's thread): the pooled client is thread-safe, everything drawn from
+  shared state is drawn under a lock or from the request's own generator, and at most
+  ``concurrency`` connections are open (further callers wait for one, within ``timeout_s``).
 """
 
 from __future__ import annotations
@@ -53,12 +78,17 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from relaypipe.relay.backends import GenRequest, GenResult
-from relaypipe.relay.sampling import Sampling
+from relaypipe.relay.sampling import Sampling, check_logit_bias
 
 log = logging.getLogger(__name__)
 
 PromptFormat = Literal["tokens", "text"]
 OnFailure = Literal["fail", "skip"]
+Role = Literal["teacher", "student"]
+ROLES = ("teacher", "student")
+
+# OpenAI's logit_bias range; vLLM clamps to it, OpenAI and relaypipe serve refuse values past it
+MAX_LOGIT_BIAS = 100.0
 
 _SEED_RANGE = 2**31 - 1
 _CONFIG_STATUSES = frozenset({401, 403, 404})
@@ -66,10 +96,11 @@ _RETRY_STATUSES = frozenset({408, 409, 425, 429})  # plus every 5xx
 
 
 class TeacherUnavailable(RuntimeError):
-    """A request to the remote model failed for good (after its retries).
+    """A request to a remote model failed for good (after its retries).
 
-    ``failures`` maps every failed request key of the batch to its last error, so a caller
-    can see that the others succeeded (they are not returned: the batch is abandoned).
+    The name is historical: the model may be the student (``role``, which the message names
+    too). ``failures`` maps every failed request key of the batch to its last error, so a
+    caller can see that the others succeeded (they are not returned: the batch is abandoned).
     """
 
     def __init__(
@@ -81,8 +112,10 @@ class TeacherUnavailable(RuntimeError):
         last_error: str,
         attempts: int,
         failures: dict[Hashable, str] | None = None,
+        role: str = "teacher",
     ):
         super().__init__(message)
+        self.role = role
         self.url = url
         self.key = key
         self.last_error = last_error
@@ -91,7 +124,13 @@ class TeacherUnavailable(RuntimeError):
 
 
 class TeacherConfigError(TeacherUnavailable):
-    """The server refused us as a client (401/403/404): a wrong key, URL or model name."""
+    """The server refused us as a client (401/403/404: a wrong key, URL or model name), or
+    cannot serve the role (a student server that returns no token ids)."""
+
+
+# Role-neutral names for new code; the old ones stay the classes themselves.
+ServerUnavailable = TeacherUnavailable
+ServerConfigError = TeacherConfigError
 
 
 @dataclass
@@ -157,7 +196,14 @@ class HTTPBackend:
         on_failure: ``"fail"`` raises :class:`TeacherUnavailable`; ``"skip"`` returns an
             ``"error"`` result for the failed request and lets the relay continue.
         return_token_ids: ask the server for generated ids (tokens format only).
+        role: ``"teacher"`` or ``"student"``: named in errors and logs; a student needs the
+            tokens format, returned ids and ``on_failure="fail"`` (module docstring).
     """
+
+    supports_logit_bias = True  # sent as OpenAI logit_bias, clamped to +-100 (module doc)
+    # generate may run from several threads at once: the relay decoder sends each request as
+    # its own call (relaypipe.relay.lanes.ThreadLane), and the server's engine batches them
+    concurrent = True
 
     def __init__(
         self,
@@ -176,7 +222,18 @@ class HTTPBackend:
         on_failure: OnFailure = "fail",
         return_token_ids: bool = True,
         skip_special_tokens: bool = True,
+        role: Role = "teacher",
     ):
+        if role not in ROLES:
+            raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+        if role == "student" and (
+            prompt_format != "tokens" or not return_token_ids or on_failure != "fail"
+        ):
+            raise ValueError(
+                "a student server needs prompt_format='tokens', return_token_ids and "
+                "on_failure='fail': its view holds its own commands (special tokens no text "
+                "carries), and nobody else can write its tokens when it fails"
+            )
         if prompt_format not in ("tokens", "text"):
             raise ValueError(f"prompt_format must be 'tokens' or 'text', got {prompt_format!r}")
         if on_failure not in ("fail", "skip"):
@@ -187,6 +244,7 @@ class HTTPBackend:
             raise ValueError("need max_retries >= 0, timeout_s > 0 and backoff_s >= 0")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id; the decoder needs one")
+        self.role: Role = role
         self.url = completions_url(base_url)
         self.model = model
         self.tokenizer = tokenizer
@@ -210,9 +268,10 @@ class HTTPBackend:
             timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="http-teacher")
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"http-{role}")
         self._jitter = random.Random()
         self._jitter_lock = threading.Lock()
+        self._warned_stops = False  # logged once: the server ran past a stop token
 
     # ------------------------------------------------------------------ Backend protocol
     def generate(
@@ -242,13 +301,14 @@ class HTTPBackend:
                 cls = TeacherConfigError if first.config else TeacherUnavailable
                 also = f" ({len(failures)} of {len(calls)} failed)" if len(calls) > 1 else ""
                 raise cls(
-                    f"teacher at {self.url} failed request {first.key!r} after "
-                    f"{first.attempts} attempt(s): {first.error}{also}",
+                    f"{self.role} server {self.model!r} at {self.url} failed request "
+                    f"{first.key!r} after {first.attempts} attempt(s): {first.error}{also}",
                     url=self.url,
                     key=first.key,
                     last_error=first.error,
                     attempts=first.attempts,
                     failures=summary,
+                    role=self.role,
                 )
         return [
             o
@@ -257,7 +317,7 @@ class HTTPBackend:
                 tokens=[],
                 finish="error",
                 prefill_tokens=0,
-                error=f"{self.url}: {o.error} (after {o.attempts} attempt(s))",
+                error=f"{self.role} at {self.url}: {o.error} (after {o.attempts} attempt(s))",
             )
             for o in outcomes
         ]
@@ -288,19 +348,22 @@ class HTTPBackend:
             ids = [m["id"] for m in resp.json()["data"]]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
             raise TeacherConfigError(
-                f"cannot list models at {url}: {err}",
+                f"{self.role} server: cannot list models at {url}: {err}",
                 url=url,
                 key=None,
                 last_error=str(err),
                 attempts=1,
+                role=self.role,
             ) from err
         if self.model not in ids:
             raise TeacherConfigError(
-                f"model {self.model!r} is not served at {url} (it serves {ids})",
+                f"{self.role} server: model {self.model!r} is not served at {url} (it serves "
+                f"{ids})",
                 url=url,
                 key=None,
                 last_error="unknown model",
                 attempts=1,
+                role=self.role,
             )
         return ids
 
@@ -310,6 +373,10 @@ class HTTPBackend:
     ) -> _Call:
         if not req.context:
             raise ValueError(f"request {req.key!r}: empty context (a prompt needs a token)")
+        try:
+            check_logit_bias(req.logit_bias, self._vocab_size)
+        except ValueError as err:
+            raise ValueError(f"request {req.key!r}: {err}") from None
         prompt: str | list[int]
         if self.prompt_format == "tokens":
             prompt = [int(t) for t in req.context]
@@ -332,6 +399,8 @@ class HTTPBackend:
             body["return_token_ids"] = True
         if stop_token_ids:
             body["stop_token_ids"] = sorted(stop_token_ids)  # vLLM extension
+        if req.logit_bias:
+            body["logit_bias"] = {str(t): _wire_bias(v) for t, v in req.logit_bias.items()}
         return _Call(req.key, body, len(req.context), int(req.max_new_tokens), stop_token_ids)
 
     @staticmethod
@@ -362,14 +431,16 @@ class HTTPBackend:
                 return self._attempt(call)
             except _Retry as err:
                 last, retry_after = str(err), err.retry_after
-                log.info("teacher request %r attempt %d: %s", call.key, attempts, last)
+                log.info("%s request %r attempt %d: %s", self.role, call.key, attempts, last)
             except _GiveUp as err:
-                log.warning("teacher request %r failed: %s", call.key, err)
+                log.warning("%s request %r failed: %s", self.role, call.key, err)
                 return _Failure(call.key, str(err), attempts, config=err.config)
             except Exception as err:  # a bug or an unexpected reply: still only this request
-                log.exception("teacher request %r: unexpected error", call.key)
+                log.exception("%s request %r: unexpected error", self.role, call.key)
                 return _Failure(call.key, f"{type(err).__name__}: {err}", attempts)
-        log.warning("teacher request %r gave up after %d attempts: %s", call.key, attempts, last)
+        log.warning(
+            "%s request %r gave up after %d attempts: %s", self.role, call.key, attempts, last
+        )
         return _Failure(call.key, last, attempts)
 
     def _attempt(self, call: _Call) -> GenResult:
@@ -396,6 +467,7 @@ class HTTPBackend:
         try:
             choice = data["choices"][0]
             finish_reason = choice.get("finish_reason")
+            stop_reason = choice.get("stop_reason")  # vLLM: the stop token id, None for EOS
             ids = choice.get("token_ids") if self.prompt_format == "tokens" else None
             text = choice.get("text")
         except (KeyError, IndexError, TypeError, AttributeError) as err:
@@ -407,32 +479,53 @@ class HTTPBackend:
             ):
                 raise _Retry(f"malformed token_ids: {str(ids)[:80]!r}")
             tokens = list(ids)
+        elif self.role == "student" and isinstance(text, str):
+            raise _GiveUp(
+                "the student server returned text without token_ids: a student's commands are "
+                "special tokens that text does not carry; serve it where return_token_ids is "
+                "understood (vLLM >= 0.10.2, relaypipe serve)",
+                config=True,
+            )
         elif isinstance(text, str):
             tokens = self.tokenizer(text, add_special_tokens=False).input_ids
         else:
             raise _Retry("completion has neither token_ids nor text")
-
-        if finish_reason in ("stop", "eos"):
-            finish = "eos"
-        elif finish_reason == "length":
-            finish = "length"
-        else:
+        if finish_reason not in ("stop", "eos", "length"):
             raise _Retry(f"unexpected finish_reason {finish_reason!r}")
+
+        stops = call.stop_token_ids
+        cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        if cut < len(tokens) - 1:  # the server ignored stop_token_ids and went on
+            if not self._warned_stops:
+                self._warned_stops = True
+                log.warning(
+                    "%s server at %s generated past a stop token id (does it ignore "
+                    "stop_token_ids?); cutting each reply after its first one",
+                    self.role,
+                    self.url,
+                )
+            tokens = tokens[: cut + 1]
+        finish = "length" if finish_reason == "length" else "eos"
         if len(tokens) > call.max_new_tokens:
             log.warning(
-                "teacher returned %d tokens for max_tokens=%d; keeping the first %d",
+                "%s returned %d tokens for max_tokens=%d; keeping the first %d",
+                self.role,
                 len(tokens),
                 call.max_new_tokens,
                 call.max_new_tokens,
             )
             tokens, finish = tokens[: call.max_new_tokens], "length"
-        if finish == "eos":
-            if tokens and tokens[-1] in call.stop_token_ids:
+        room = len(tokens) < call.max_new_tokens
+        if tokens and tokens[-1] in stops:
+            finish = "stop"  # also when the stop token was the last one allowed ("length")
+        elif tokens and tokens[-1] in self.eos_token_ids:
+            finish = "eos"
+        elif finish == "eos" and room:  # a stop whose token the server left out
+            if _is_id(stop_reason) and stop_reason in stops:
+                tokens.append(stop_reason)
                 finish = "stop"
-            elif (not tokens or tokens[-1] not in self.eos_token_ids) and len(
-                tokens
-            ) < call.max_new_tokens:
-                tokens.append(self._eos_id)  # the server dropped it; the decoder needs it
+            else:
+                tokens.append(self._eos_id)  # the decoder needs the EOS it ended at
 
         prefill = call.context_len if self.prompt_format == "tokens" else None
         usage = data.get("usage") if isinstance(data, dict) else None
@@ -444,6 +537,15 @@ class HTTPBackend:
         if prefill is None:  # text format without usage: our own count of the prompt
             prefill = len(self.tokenizer(call.body["prompt"], add_special_tokens=False).input_ids)
         return GenResult(tokens=tokens, finish=finish, prefill_tokens=prefill)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _wire_bias(value: float) -> float:
+    """A logit bias as OpenAI-style servers take it: within [-100, 100] (+-inf included)."""
+    return max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(value)))
 
 
 def _error_message(resp: httpx.Response) -> str:

@@ -4,7 +4,8 @@ The event loop only reads, parses, validates and waits; all model work happens o
 :class:`~relaypipe.serve.batching.MicroBatcher`'s thread. Every answer is JSON: OpenAI-style
 ``{"error": {"message", "type", "param", "code"}}`` bodies for 401 (key), 404 (route or
 model), 405, 413 (body size) and 400 (anything else malformed); 502 when a relay server's
-remote teacher is down; and a JSON 500 only for a failure of the server itself.
+remote student or teacher is down (the message says which); and a JSON 500 only for a
+failure of the server itself.
 """
 
 from __future__ import annotations
@@ -169,8 +170,8 @@ class _Api:
             completions = await asyncio.wrap_future(self.worker.submit(job))
         except ApiError:
             raise
-        except TeacherUnavailable as err:  # relay mode: the remote teacher is down
-            raise ApiError(502, f"teacher unavailable: {err}", type="upstream_error") from None
+        except TeacherUnavailable as err:  # relay mode: a remote student or teacher is down
+            raise ApiError(502, f"{err.role} unavailable: {err}", type="upstream_error") from None
         except Exception as err:
             raise ApiError(
                 500, f"generation failed: {type(err).__name__}: {err}", type="server_error"
@@ -189,6 +190,7 @@ class _Api:
                     index=i,
                     text=c.text,
                     finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
                     token_ids=c.token_ids,
                     relay=c.relay,
                 )

@@ -56,6 +56,8 @@ class CompletionParams:
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()
     relay: RelayOptions | None = None
+    # token id -> bias (OpenAI's logit_bias; a request of its own in a batch: GenRequest's)
+    logit_bias: dict[int, float] | None = None
 
     def batch_key(self) -> tuple[Sampling, frozenset[int]]:
         return self.sampling, self.stop_token_ids
@@ -73,6 +75,7 @@ class CompletionParams:
             seed=req.seed,
             stop_token_ids=frozenset(req.stop_token_ids or ()),
             relay=req.relay,
+            logit_bias=req.token_logit_bias(),
         )
 
 
@@ -86,6 +89,7 @@ class Completion:
     prompt_tokens: int
     cached_tokens: int = 0
     relay: dict[str, Any] | None = None
+    stop_reason: int | None = None  # the stop token id that ended it (vLLM's stop_reason)
 
 
 @dataclass
@@ -211,7 +215,9 @@ class ModelEngine:
                     gen = torch.Generator(device=self.backend.device).manual_seed(
                         job.params.seed + i
                     )
-                reqs.append(GenRequest(key, prompt, job.params.max_tokens, gen))
+                reqs.append(
+                    GenRequest(key, prompt, job.params.max_tokens, gen, job.params.logit_bias)
+                )
             results = self.backend.generate(reqs, stop_token_ids=stops, sampling=sampling)
         except Exception:
             for key in taken:  # the caches of a failed batch are in an unknown state
@@ -232,6 +238,7 @@ class ModelEngine:
                     finish_reason="length" if res.finish == "length" else "stop",
                     prompt_tokens=len(prompt),
                     cached_tokens=len(prompt) - res.prefill_tokens,
+                    stop_reason=res.tokens[-1] if res.finish == "stop" else None,
                 )
             )
         return [out[id(job)] for job in jobs]
@@ -422,6 +429,13 @@ class RelayEngine:
     def validate(self, params: CompletionParams) -> None:
         if params.stop_token_ids:
             raise ApiError(400, "'stop_token_ids' is not supported in relay mode", "stop_token_ids")
+        if params.logit_bias:
+            raise ApiError(
+                400,
+                "'logit_bias' is not supported in relay mode (relay.call_bias biases the "
+                "student's calls)",
+                "logit_bias",
+            )
         self.config_for(params)
 
     def run(self, jobs: list[Job]) -> None:

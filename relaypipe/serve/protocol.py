@@ -12,6 +12,10 @@ Unknown fields are **rejected** (400, ``code: unrecognized_argument``), as OpenA
 with something other than what was asked. OpenAI fields this server does not implement
 (``stream``, ``n``, ``stop``, ``logprobs``, ...) are accepted only at their "off" value.
 
+``logit_bias`` is OpenAI's: token-id strings (``"17"``) to numbers in [-100, 100], added to
+those logits at every step (model mode; relay mode has ``relay.call_bias`` instead). Values
+past the range are refused, as OpenAI does (vLLM clamps them).
+
 Types are strict: a JSON ``true`` is not an integer, ``4.0`` / ``"4"`` are not integers, and
 ``NaN`` / ``Infinity`` (which Python's ``json`` lets through) are not numbers. One exception:
 ``relay.call_bias`` takes ``Infinity`` / ``-Infinity`` (or a number too large for a double,
@@ -42,6 +46,8 @@ from relaypipe.relay.sampling import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE
 MAX_INT64 = 2**63 - 1
 MAX_SEED = MAX_INT64  # seeds are in [0, 2**63); engines may narrow this (see RelayEngine)
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions, lowered to the server's cap
 
 
@@ -231,7 +237,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "stop": (None, [], ""),
     "presence_penalty": (None, 0.0),
     "frequency_penalty": (None, 0.0),
-    "logit_bias": (None, {}),
 }
 
 
@@ -260,6 +265,8 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     return_token_ids: bool | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    # token id (a decimal string) -> bias in [-100, 100]; see the module docstring
+    logit_bias: dict[str, Any] | None = Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
     relay: RelayOptions | None = None
     user: str | None = None  # OpenAI's end-user id: accepted and ignored
     # OpenAI fields accepted only when "off" (see _NEUTRAL)
@@ -272,7 +279,6 @@ class CompletionRequest(BaseModel):
     stop: Any = None
     presence_penalty: float | None = Field(None, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
-    logit_bias: dict[str, Any] | None = None
 
     @field_validator("prompt", mode="after")
     @classmethod
@@ -353,6 +359,31 @@ class CompletionRequest(BaseModel):
                     f"'stop_token_ids[{j}]' {brief(t)} is outside the vocabulary [0, {vocab})"
                 )
         return value
+
+    @field_validator("logit_bias", mode="after")
+    @classmethod
+    def _check_logit_bias(
+        cls, value: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        vocab = _ctx(info).vocab_size
+        for key, bias in (value or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
+                raise _fail(f"'logit_bias' keys are token ids (decimal strings), got {brief(key)}")
+            if int(key) >= vocab:
+                raise _fail(f"'logit_bias' token id {key} is outside the vocabulary [0, {vocab})")
+            number = type(bias) is int or (type(bias) is float and math.isfinite(bias))
+            if not number or abs(bias) > MAX_LOGIT_BIAS:
+                raise _fail(
+                    f"'logit_bias' of token {key} must be a number in [-100, 100], "
+                    f"got {brief(bias)}"
+                )
+        return value
+
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """``logit_bias`` with integer keys and float values (validated); None when empty."""
+        if not self.logit_bias:
+            return None
+        return {int(k): float(v) for k, v in self.logit_bias.items()}
 
     @field_validator(*_NEUTRAL, mode="after")
     @classmethod
@@ -474,6 +505,9 @@ class CompletionChoice(_Out):
     text: str
     logprobs: None = None
     finish_reason: str
+    # vLLM's: the stop token id that ended the choice (kept as the last of token_ids); None
+    # for EOS, a length cut, or relay mode
+    stop_reason: int | None = None
     token_ids: list[int]  # generated ids (vLLM's return_token_ids)
     relay: dict[str, Any] | None = None  # relay mode: provenance of the tokens
 

@@ -46,6 +46,13 @@ teacher-alone, relay and random-router modes then send every teacher turn to tha
 served teacher's parameter count cannot be read from its weights, so ``teacher.server.params``
 must give it (the report's FLOPs and cost need it).
 
+A student may be served as well (``student_servers: {student, warmup, relay}``, each null or a
+served model like ``teacher.server``: ``{url, model, http, params}``; see relaypipe/student.py):
+the modes of that role (the table in relaypipe/evaluate/suite.py) then send every student turn
+to the server. Its folder (``student``, ``warmup``, ``relay_model``) still holds its tokenizer
+(the call tokens included) and relay.json, not its weights, and ``params`` gives its parameter
+count.
+
 Every input is checked before any model is loaded (relaypipe/stages/inputs.py): an empty
 benchmark table is refused, and so is a missing or empty ``eval_problems`` when calibrating.
 requests.parquet and models.json are published together.
@@ -53,9 +60,11 @@ requests.parquet and models.json are published together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -83,6 +92,7 @@ from relaypipe.relay.transformers_backend import TransformersBackend
 from relaypipe.schemas import EVAL_MODES, EvalRequestSchema, ProblemSchema, frame_to_problems
 from relaypipe.stages.common import stage_params
 from relaypipe.stages.inputs import MissingInputError, StageInputError, check_model_dir, check_table
+from relaypipe.student import Student, StudentServer, build_student
 from relaypipe.tasks.base import Problem, check_prompt_options
 from relaypipe.teacher import MOVED_TEACHER_KEYS, TeacherSpec
 
@@ -128,6 +138,25 @@ class CalibrateParams:
 
 
 @dataclass(frozen=True)
+class StudentServers:
+    """``evaluate.student_servers``: a served model for a student role (null: the weights in
+    the role's folder, in-process), named as ``teacher.server`` is (module docstring)."""
+
+    student: StudentServer | None = None  # the bootstrap student (evaluate.student)
+    warmup: StudentServer | None = None  # evaluate.warmup
+    relay: StudentServer | None = None  # evaluate.relay_model
+
+    def __post_init__(self) -> None:
+        for role in ("student", "warmup", "relay"):
+            server = getattr(self, role)
+            if server is not None and not server.params:
+                raise ValueError(
+                    f"{role} needs params (the served model's parameter count): the report's "
+                    "FLOPs and cost cannot read it from weights behind a server"
+                )
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     modes: list[str] = field(default_factory=lambda: list(EVAL_MODES))
     router_p: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
@@ -151,6 +180,8 @@ class EvaluateParams:
     relay_model: str = "data/models/relay"
     # weights in teacher.path, or a served model (teacher.server, with its params count)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    # a served model per student role (null each: in-process from the role's folder)
+    student_servers: StudentServers = field(default_factory=StudentServers)
     # frame prompts with the tokenizer's chat template; None: as the relay model was trained
     chat_template: bool | None = None
     # variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking
@@ -376,12 +407,50 @@ def read_inputs(
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     for role in sorted({r.student_role for r in params.runs()}):
         param, made_by = STUDENT_MAKERS[role]
-        check_model_dir(paths[role], param=param, made_by=made_by)
+        served = getattr(params.student_servers, role) is not None
+        check_model_dir(paths[role], param=param, made_by=made_by, weights=not served)
     if not params.teacher.remote:
         check_model_dir(
             params.teacher.path, param="evaluate.teacher.path", made_by="the bootstrap stage"
         )
     return benchmarks, resolve_decoding(params), held_out
+
+
+def load_students(params: EvaluateParams, roles: list[str]) -> dict[str, Student]:
+    """The student of each role: in-process from its folder, or its server (student_servers)
+    speaking the tokenizer in its folder."""
+    paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
+    out: dict[str, Student] = {}
+    try:
+        for role in roles:
+            server = getattr(params.student_servers, role)
+            if server is None:
+                model, tok = load_model(paths[role], device=params.device, dtype=params.dtype)
+                backend = TransformersBackend(model.eval(), name=role)
+                out[role] = Student(backend, tok, model, paths[role])
+                continue
+            out[role] = build_student(
+                paths[role],
+                url=server.url,
+                model_name=server.model,
+                http=server.http,
+                what=STUDENT_MAKERS[role][0],
+            )
+    except BaseException:
+        for student in out.values():
+            student.close()
+        raise
+    return out
+
+
+@contextlib.contextmanager
+def _closing(students: dict[str, Student]) -> Iterator[None]:
+    """Close every student on the way out (a served one's HTTP client)."""
+    try:
+        yield
+    finally:
+        for student in students.values():
+            student.close()
 
 
 def calibrate_relay(
@@ -432,21 +501,28 @@ def run(params: EvaluateParams) -> dict:
         torch.set_num_threads(params.threads)
     benchmarks, decoding, held_out = read_inputs(params)
     runs = params.runs()
-    paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     roles = sorted({r.student_role for r in runs})
 
-    student_models, students = {}, {}
-    for role in roles:
-        student_models[role], tok = load_model(
-            paths[role], device=params.device, dtype=params.dtype
-        )
-        students[role] = {"path": paths[role], "params": count_parameters(student_models[role])}
+    loaded = load_students(params, roles)
+    students = {}
+    for role, student in loaded.items():
+        server = getattr(params.student_servers, role)
+        students[role] = {
+            "path": student.where,
+            "params": server.params if server else count_parameters(student.model),
+        }
+        tok = student.tokenizer
     # The students share one tokenizer (each stage starts from the previous one's): the
     # teacher must speak it (checked in-process; over HTTP it frames the ids it sends).
-    teacher = params.teacher.build(tok, device=params.device, dtype=params.dtype)
+    try:
+        teacher = params.teacher.build(tok, device=params.device, dtype=params.dtype)
+    except BaseException:
+        for student in loaded.values():
+            student.close()
+        raise
     decoders = {
-        role: RelayDecoder(TransformersBackend(m.eval(), name=role), teacher.backend, tok)
-        for role, m in student_models.items()
+        role: RelayDecoder(student.backend, teacher.backend, tok)
+        for role, student in loaded.items()
     }
 
     sampling = Sampling(temperature=params.temperature)
@@ -457,7 +533,7 @@ def run(params: EvaluateParams) -> dict:
         teacher_sampling=sampling,
         seed=params.seed,
     )
-    with teacher, torch.inference_mode():
+    with teacher, _closing(loaded), torch.inference_mode():
         if params.calibrate.on:
             result = calibrate_relay(params, decoders["relay"], held_out, config, decoding)
             decoding = dataclasses.replace(
