@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,7 +24,7 @@ from relaypipe.relay.backends import GenRequest
 from relaypipe.relay.decoder import MODES, RelayConfig, RelayDecoder
 from relaypipe.relay.sampling import Sampling
 from relaypipe.relay.trace import RelayTrace, Source, StopReason
-from relaypipe.relay.transformers_backend import TransformersBackend
+from relaypipe.relay.transformers_backend import TransformersBackend, common_prefix
 from relaypipe.serve.protocol import (
     MAX_SEED,
     ApiError,
@@ -134,14 +134,6 @@ class Engine(Protocol):
 
 
 # ---------------------------------------------------------------------------- model engine
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class ModelEngine:
     """One local causal LM, micro-batched, with a prefix cache of recent requests.
 
@@ -260,7 +252,7 @@ class ModelEngine:
         for key, ids in self._slots.items():
             if key in taken:
                 continue
-            n = _common_prefix(ids, prompt)
+            n = common_prefix(ids, prompt)
             if n >= min(len(ids), len(prompt)) and n > best_len:
                 best, best_len = key, n
         if best is None:
