@@ -249,3 +249,31 @@ def test_a_stream_survives_a_store_that_grows_under_it(tiny_models, tokenizer):
     got = backend.generate([GenRequest(i, c, 20) for i, c in enumerate(ctx)])
     for c, res in zip(ctx, got, strict=True):
         assert res.tokens == reference(model, c, 20)
+
+
+def test_teacher_hold_batches_hand_offs_without_changing_tokens(tiny_models, tokenizer):
+    """Held hand-offs share teacher forwards (fewer teacher steps), tokens unchanged; a lone
+    request is never held (nothing else for the student to do)."""
+    cfg = RelayConfig(mode="random_router", router_p=0.2, max_new_tokens=40, seed=5)
+    prompts = many_prompts(8)
+    traces, teacher_steps = {}, {}
+    for hold in (0, 8, "auto"):
+        log: list = []
+        s = CountingStreams(tiny_models[0], log, "student")
+        t = CountingStreams(tiny_models[1], log, "teacher")
+        traces[hold] = fingerprint(
+            RelayDecoder(s, t, tokenizer, teacher_hold=hold).decode_text(prompts, cfg)
+        )
+        teacher_steps[hold] = sum(name == "teacher" for name, _ in log)
+    assert traces[8] == traces[0] == traces["auto"]
+    assert teacher_steps[8] < teacher_steps[0]
+    with pytest.raises(ValueError, match="teacher_hold"):
+        RelayDecoder(s, t, tokenizer, teacher_hold=-1)
+    # one request: each hand-off runs at once (student idle), so holding changes nothing
+    for hold in (0, 50):
+        log = []
+        s = CountingStreams(tiny_models[0], log, "student")
+        t = CountingStreams(tiny_models[1], log, "teacher")
+        RelayDecoder(s, t, tokenizer, teacher_hold=hold).decode_text(prompts[:1], cfg)
+        teacher_steps[("alone", hold)] = sum(name == "teacher" for name, _ in log)
+    assert teacher_steps[("alone", 0)] == teacher_steps[("alone", 50)]
