@@ -48,7 +48,9 @@ from relaypipe.tasks.base import Problem
 
 __all__ = [
     "EVAL_MODES",
+    "ORACLE_MODE",
     "PROBLEM_COLUMNS",
+    "REQUEST_MODES",
     "SCHEMAS",
     "SPLITS",
     "EvalRequestSchema",
@@ -169,6 +171,12 @@ EVAL_MODES: Final[tuple[str, ...]] = (
     "random_router",  # the bootstrap student, each token the teacher's with probability router_p
     "relay_sweep",  # the relay mode at each call_bias of evaluate.call_bias_sweep (Pareto curve)
 )
+# The oracle caller (relaypipe/evaluate/oracle.py): the bootstrap student with the teacher judging
+# every step, at each threshold of evaluate.oracle_sweep. A reference, not a decoder mode: it is
+# turned on by its sweep, never named in evaluate.modes.
+ORACLE_MODE: Final[str] = "oracle"
+# Every mode a request row may have.
+REQUEST_MODES: Final[tuple[str, ...]] = (*EVAL_MODES, ORACLE_MODE)
 
 
 class EvalRequestSchema(pa.DataFrameModel):
@@ -180,7 +188,7 @@ class EvalRequestSchema(pa.DataFrameModel):
 
     # The benchmark table's name (data/problems/benchmarks/<benchmark>.parquet).
     benchmark: Series[str] = pa.Field(str_length={"min_value": 1})
-    mode: Series[str] = pa.Field(isin=list(EVAL_MODES))
+    mode: Series[str] = pa.Field(isin=list(REQUEST_MODES))
     # random_router: the probability that a token is the teacher's; -1 for every other mode
     # (-1 rather than NaN: parquet and pandas keep it, and equality joins work).
     router_p: Series[float] = pa.Field(ge=-1.0, le=1.0)
@@ -190,6 +198,10 @@ class EvalRequestSchema(pa.DataFrameModel):
     # every other mode (no bias acts there). Optional: tables written before the column
     # existed have none (their relay's bias is in models.json decoding.call_bias).
     call_bias: Series[float] | None
+    # oracle: its threshold tau in [0, 1] (a step goes to the teacher where it would write
+    # another token and gives the student's a probability below tau); -1 for every other mode.
+    # Optional: tables written before the oracle existed have none (and no oracle rows).
+    oracle_tau: Series[float] | None = pa.Field(ge=-1.0, le=1.0)
     problem_id: Series[str] = pa.Field(str_length={"min_value": 1})
     correct: Series[bool]
     # Generated tokens by source; student_tokens includes its commands (command_tokens).
@@ -224,6 +236,16 @@ class EvalRequestSchema(pa.DataFrameModel):
         bias = pd.to_numeric(df.loc[sweep, "call_bias"], errors="coerce").to_numpy(dtype=float)
         return bool(np.isfinite(bias).all())
 
+    @pa.dataframe_check(name="oracle_tau in [0, 1] for oracle rows, -1 for all others")
+    @classmethod
+    def _oracle_tau(cls, df: pd.DataFrame) -> bool:
+        oracle = df["mode"] == ORACLE_MODE
+        if "oracle_tau" not in df.columns:
+            return not bool(oracle.any())
+        tau = pd.to_numeric(df["oracle_tau"], errors="coerce")
+        ok = (oracle & tau.between(0.0, 1.0)) | (~oracle & (tau == -1.0))
+        return bool(ok.all())
+
     @pa.dataframe_check(name="command_tokens <= student_tokens")
     @classmethod
     def _commands(cls, df: pd.DataFrame) -> bool:
@@ -240,8 +262,9 @@ class EvalRequestSchema(pa.DataFrameModel):
         unique_column_names = True
         coerce = False  # never convert a value to fit (module docstring)
         # One row per problem per run; a duplicate would be counted twice in every average.
-        # (call_bias tells the relay_sweep runs apart; a table without it is keyed without it.)
-        unique = ("benchmark", "mode", "router_p", "call_bias", "problem_id")
+        # (call_bias tells the relay_sweep runs apart, oracle_tau the oracle's; a table without
+        # them is keyed without them.)
+        unique = ("benchmark", "mode", "router_p", "call_bias", "oracle_tau", "problem_id")
 
 
 # Every contract, for checks that must hold for all of them (tests/test_strict_schemas.py).

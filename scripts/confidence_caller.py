@@ -20,6 +20,10 @@ wherever a match of REGEX starts in the reference solution, as long as the answe
 that solution (e.g. ``(?<=\+)[78]=`` for the default student, which never saw a step adding 7
 or 8). ``--tau`` is then ignored.
 
+The pipeline has a generic oracle that needs no such pattern: ``evaluate.oracle_sweep``
+(relaypipe/evaluate/oracle.py) lets the teacher judge every step and write where it would have
+written another token, a curve over thresholds that the report sets beside the relay's.
+
 ``--commands-take-no-position`` gives command tokens the position of the next text token (RoPE
 position ids that skip them), so the text keeps its offsets: does position alone explain the cost?
 

@@ -97,6 +97,7 @@ SMALL_PARAMS: dict[str, Any] = {
     "evaluate": {
         "router_p": [0.2, 0.5],
         "call_bias_sweep": [-2.0, 2.0],
+        "oracle_sweep": [0.01, 0.5],
         "max_new_tokens": 24,
         "batch_size": 8,
     },

@@ -3,11 +3,13 @@ of a broken benchmark table, and the report stage on what it wrote."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
 import pandas as pd
 import pytest
+import torch
 
 from relaypipe.bounds import PromptFormat, RelayBounds, RelayRecord, write_relay_record
 from relaypipe.io import SchemaViolation, read_table, write_table
@@ -225,7 +227,116 @@ def test_relay_sweep_rows_carry_their_bias_and_a_higher_bias_calls_more(
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown mode"):
-        evaluate.EvaluateParams(modes=["relay", "oracle"])
+        evaluate.EvaluateParams(modes=["relay", "oracular"])
+
+
+def contrary_student(folder, tiny_models, tokenizer):
+    """The tiny student with its final norm negated: random tied-embedding models predict the
+    token they read last, so both tiny models agree everywhere; this one never does."""
+    student = copy.deepcopy(tiny_models[0])
+    with torch.no_grad():
+        student.model.norm.weight.neg_()
+    student.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_oracle_caller_decodes_beside_the_modes_then_the_report_draws_it(
+    tmp_path, model_dirs, tiny_models, tokenizer
+):
+    (tmp_path / "benchmarks").mkdir()
+    write_benchmarks(tmp_path / "benchmarks")
+    p = params(tmp_path, model_dirs, modes=["student", "relay", "teacher"])
+    p = dataclasses.replace(
+        p, student=contrary_student(tmp_path / "contrary", tiny_models, tokenizer)
+    )
+    summary = evaluate.run(dataclasses.replace(p, oracle_sweep=[1.0, 0.0, 0.3]))
+    assert summary["runs"] == [
+        "student",
+        "relay",
+        "teacher",
+        "oracle tau=0",
+        "oracle tau=0.3",
+        "oracle tau=1",
+    ]
+    assert summary["oracle_seconds"] >= 0
+    df = read_table(tmp_path / "eval" / "requests.parquet", EvalRequestSchema)
+    oracle = df[df["mode"] == "oracle"]
+    assert sorted(set(oracle.oracle_tau)) == [0.0, 0.3, 1.0]
+    assert (oracle.groupby("oracle_tau").size() == 2 * 3).all()  # every problem, each tau
+    assert (df[df["mode"] != "oracle"].oracle_tau == -1.0).all()
+    assert (oracle.router_p == -1.0).all() and (oracle.command_tokens == 0).all()
+    # tau = 0 never calls: the bootstrap student alone, token for token
+    never = oracle[oracle.oracle_tau == 0.0].set_index(["benchmark", "problem_id"])
+    alone = df[df["mode"] == "student"].set_index(["benchmark", "problem_id"])
+    assert (never.teacher_tokens == 0).all() and (never.calls == 0).all()
+    assert (never.student_tokens == alone.student_tokens.loc[never.index]).all()
+    assert (never.correct == alone.correct.loc[never.index]).all()
+    # the relay's budgets hold (6 teacher tokens and 2 calls per request, 4 per call)
+    assert (oracle.teacher_tokens <= TRAINED.max_teacher_tokens).all()
+    assert (oracle.calls <= TRAINED.max_calls).all()
+    assert oracle[oracle.oracle_tau == 1.0].teacher_tokens.sum() > 0  # random models disagree
+    models = json.loads((tmp_path / "eval" / "models.json").read_text())
+    assert models["modes"]["oracle"] == "student"
+
+    report.run(
+        report.ReportParams(
+            requests=str(tmp_path / "eval" / "requests.parquet"),
+            models=str(tmp_path / "eval" / "models.json"),
+            out_dir=str(tmp_path / "eval"),
+        )
+    )
+    metrics = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert "oracle" not in metrics["modes"] and "oracle" not in metrics["benchmarks"]["arith-d1t3"]
+    for panel in ("average", "arith-d1t3", "arith-d1t4"):
+        curve = metrics["oracle_curve"][panel]
+        assert sorted(p["oracle_tau"] for p in curve) == [0.0, 0.3, 1.0]
+        assert [p["call_ratio"] for p in curve] == sorted(p["call_ratio"] for p in curve)
+        assert set(metrics["relay_vs_oracle"][panel]) == {
+            "call_ratio",
+            "accuracy",
+            "oracle_accuracy",
+            "ratio",
+            "read",
+        }
+    headline = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "relay_vs_oracle" in headline
+    assert headline["relay_vs_oracle"] == metrics["relay_vs_oracle"]["average"]["ratio"]
+    assert (
+        "Oracle caller (teacher share → accuracy)" in (tmp_path / "eval" / "report.md").read_text()
+    )
+    rows = json.loads((tmp_path / "eval" / "plots" / "tradeoff.json").read_text())
+    assert sorted(r["name"] for r in rows if r["mode"] == "oracle") == [
+        "oracle tau=0",
+        "oracle tau=0.3",
+        "oracle tau=1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "words"),
+    [
+        ({"modes": ["relay", "oracle"]}, "no decoder mode; it runs at each threshold"),
+        ({"oracle_sweep": [0.1, 1.5]}, r"oracle_sweep values must be numbers in \[0, 1\]"),
+        ({"oracle_sweep": [float("nan")]}, "oracle_sweep values must be numbers"),
+        ({"oracle_sweep": [True]}, "oracle_sweep"),
+        ({"oracle_sweep": [0.1], "temperature": 0.7}, "oracle_sweep needs temperature 0"),
+        (
+            {
+                "oracle_sweep": [0.1],
+                "teacher": {"server": {"url": "http://x", "model": "t", "params": 9}},
+            },
+            "needs the teacher in-process",
+        ),
+    ],
+)
+def test_oracle_params_are_checked(section, words):
+    from relaypipe.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match=words):
+        build(evaluate.EvaluateParams, section, "params.yaml:evaluate")
+    # empty: off, with a served teacher or sampling alike
+    build(evaluate.EvaluateParams, {"oracle_sweep": [], "temperature": 0.7}, "e")
 
 
 def serve_model_dir(path, name="teacher"):

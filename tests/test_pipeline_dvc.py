@@ -60,9 +60,10 @@ def test_repro_writes_every_artifact(repo):
         assert len(bench) == 6 and set(bench.split) == {"benchmark"}
         assert not set(bench.question) & set(train.question)
     requests = pd.read_parquet(repo / "data/eval/requests.parquet")
-    # 2 benchmarks x 6 problems x (5 modes + 2 router p + 2 relay biases)
-    assert len(requests) == 2 * 6 * 9
+    # 2 benchmarks x 6 problems x (5 modes + 2 router p + 2 relay biases + 2 oracle thresholds)
+    assert len(requests) == 2 * 6 * 11
     assert set(requests[requests["mode"] == "relay_sweep"]["call_bias"]) == {-2.0, 2.0}
+    assert set(requests[requests["mode"] == "oracle"]["oracle_tau"]) == {0.01, 0.5}
     report = json.loads((repo / "data/eval/summary.json").read_text())
     modes = ("student", "warmup", "relay", "teacher_free", "teacher", "random_router")
     keys = (
@@ -88,11 +89,15 @@ def test_repro_writes_every_artifact(repo):
         "cost_reduction_vs_matched_router_flops",
     ):
         assert key in report and (report[key] is not None or key in report["notes"])
+    for panel in ("average", "arith-d1t6", "arith-d1t8"):
+        assert [p["oracle_tau"] for p in report["oracle_curve"][panel]][-1] in (0.01, 0.5)
+        assert panel in report["relay_vs_oracle"]
     head = json.loads((repo / "data/eval/metrics.json").read_text())  # the DVC metrics
     assert set(head["gap_recovered_by_benchmark"]) == {"arith-d1t6", "arith-d1t8"}
+    assert "relay_vs_oracle" in head
     assert head["gap_recovered"] == report["gap_recovered"]
     assert isinstance(head["warnings"], int) and head["warnings"] >= 1  # allow_degenerate runs
-    assert len(flat_leaves(head)) <= 12  # 2 benchmarks, no calibration
+    assert len(flat_leaves(head)) <= 13  # 2 benchmarks, the oracle, no calibration
     assert (repo / "data/eval/report.md").read_text().startswith("# Evaluation report")
     assert (repo / "data/eval/tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = sh("dvc", "metrics", "show", "--json", cwd=repo).stdout

@@ -494,3 +494,129 @@ def test_relay_sweep_rows_need_a_finite_call_bias(tmp_path):
         write_table(pd.DataFrame(twice), tmp_path / "r.parquet", EvalRequestSchema)
     # a table from before the column (no sweep) is still valid
     write_table(pd.DataFrame(benchmark_rows("b1")), tmp_path / "old.parquet", EvalRequestSchema)
+
+
+ORACLE_MODELS = {**SWEEP_MODELS, "modes": {**SWEEP_MODELS["modes"], "oracle": "student"}}
+
+
+def oracle_rows(name: str) -> list[dict]:
+    """The oracle at tau .01: (call ratio, accuracy) (0.05, 0.75); at tau .5: (0.2, 1.0)."""
+    return [
+        *(
+            {**r, "oracle_tau": 0.01}
+            for r in rows(name, "oracle", [1, 1, 1, 0], s=19, t=1, tp=20, ctx=200)
+        ),
+        *(
+            {**r, "oracle_tau": 0.5}
+            for r in rows(name, "oracle", [1, 1, 1, 1], s=8, t=2, tp=20, ctx=200)
+        ),
+    ]
+
+
+def with_oracle(table: list[dict], name: str) -> list[dict]:
+    """``table`` (call_bias set) with oracle_tau -1, and the oracle's rows of benchmark ``name``."""
+    return [
+        *({**r, "oracle_tau": -1.0} for r in table),
+        *({**r, "call_bias": 0.0} for r in oracle_rows(name)),
+    ]
+
+
+def test_the_oracle_curve_and_the_relay_as_a_fraction_of_it_on_known_numbers(tmp_path):
+    table = [
+        *with_oracle(with_bias(sweep_table("b1")), "b1"),
+        *with_oracle(with_bias(sweep_table("b2")), "b2"),
+    ]
+    headline = run(write_inputs(tmp_path, table, ORACLE_MODELS))
+    out = tmp_path / "out"
+    m = json.loads((out / "summary.json").read_text())
+    for panel in ("average", "b1", "b2"):
+        # anchored by the student (0, .25), then tau .01 (.05, .75) and tau .5 (.2, 1)
+        curve = m["oracle_curve"][panel]
+        assert [p["oracle_tau"] for p in curve] == [0.0, 0.01, 0.5]
+        assert [p["mode"] for p in curve] == ["student", "oracle", "oracle"]
+        assert [p["call_ratio"] for p in curve] == pytest.approx([0.0, 0.05, 0.2])
+        assert [p["accuracy"] for p in curve] == pytest.approx([0.25, 0.75, 1.0])
+        # the relay (.5 at share .1): the oracle a third of the way from .75 to 1, 5/6
+        vs = m["relay_vs_oracle"][panel]
+        assert vs["oracle_accuracy"] == pytest.approx(5 / 6, abs=1e-5)
+        assert vs["ratio"] == pytest.approx(0.6, abs=1e-5) and vs["read"] == "interpolated"
+        # per relay point: shares .05, .1 on the curve; .3 and .4 past it, the saturated 1.0
+        budget = m["cost_reduction_by_budget"][panel]
+        assert [b["oracle_accuracy_at_share"] for b in budget] == pytest.approx(
+            [0.75, 5 / 6, 1.0, 1.0], abs=1e-5
+        )
+    # the oracle rows are no mode of their own, and change nothing else
+    assert "oracle" not in m["modes"] and "oracle" not in m["benchmarks"]["b1"]
+    plain = json.loads(
+        (
+            _run_to(tmp_path / "plain", with_bias(sweep_table("b1")) + with_bias(sweep_table("b2")))
+            / "summary.json"
+        ).read_text()
+    )
+    for key in ("modes", "benchmarks", "router_curve", "relay_curve", "pareto"):
+        assert m[key] == plain[key]
+    assert plain["oracle_curve"] == {"average": [], "b1": [], "b2": []}
+    assert plain["relay_vs_oracle"] == {}
+    # metrics.json: one leaf more, the average ratio
+    assert headline["relay_vs_oracle"] == pytest.approx(0.6, abs=1e-5)
+    assert "relay_vs_oracle" not in json.loads(
+        (tmp_path / "plain" / "out" / "metrics.json").read_text()
+    )
+
+    md = (out / "report.md").read_text()
+    assert "| 0 * | 10.00 | 50.00 | 25.00 | 0.750 | 83.33 |" in md
+    assert "| +4 | 40.00 | 75.00 | 50.00 | 0.333 | 100.00 |" in md
+    assert (
+        "Oracle caller (teacher share → accuracy): τ 0 (student): 0.00 % → 25.00 %; τ 0.01: "
+        "5.00 % → 75.00 %; τ 0.5: 20.00 % → 100.00 %. relay / oracle at the relay's share "
+        "(10.00 %): 50.00 % / 83.33 % = **0.600** (oracle interpolated)."
+    ) in md
+    points = json.loads((out / "plots" / "tradeoff.json").read_text())
+    oracle = [p for p in points if p["mode"] == "oracle"]
+    assert [p["name"] for p in oracle] == ["oracle tau=0.01", "oracle tau=0.5"]
+    assert [p["call_ratio"] for p in oracle] == pytest.approx([0.05, 0.2])
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _run_to(folder: Path, table: list[dict]) -> Path:
+    folder.mkdir()
+    run(write_inputs(folder, table, SWEEP_MODELS))
+    return folder / "out"
+
+
+def test_relay_vs_oracle_is_null_with_a_note_where_the_oracle_cannot_be_read(tmp_path):
+    # only tau .01 (unsaturated, up to share .05): the relay at .1 is past it; no relay_sweep
+    table = [
+        *({**r, "call_bias": 0.0, "oracle_tau": -1.0} for r in benchmark_rows("b1")),
+        *({**r, "call_bias": 0.0} for r in oracle_rows("b1") if r["oracle_tau"] == 0.01),
+    ]
+    headline = run(write_inputs(tmp_path, table, ORACLE_MODELS))
+    m = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert m["relay_vs_oracle"]["b1"]["ratio"] is None
+    assert m["relay_vs_oracle"]["b1"]["oracle_accuracy"] is None
+    note = m["notes"]["relay_vs_oracle.b1"]
+    assert "above the oracle curve's range" in note and "not extrapolated" in note
+    assert headline["relay_vs_oracle"] is None
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Pareto: relay vs random router" in md  # the oracle alone opens the section
+    assert "relay / oracle at the relay's share: null (no oracle at the relay's" in md
+
+
+def test_oracle_rows_need_their_threshold(tmp_path):
+    table = with_oracle(with_bias(benchmark_rows("b1")), "b1")
+    frame = pd.DataFrame(table)
+    frame.loc[frame["mode"] == "oracle", "oracle_tau"] = -1.0
+    with pytest.raises(SchemaViolation, match=r"oracle_tau in \[0, 1\] for oracle rows"):
+        write_table(frame, tmp_path / "r.parquet", EvalRequestSchema)
+    frame = pd.DataFrame(table)
+    frame.loc[frame["mode"] == "relay", "oracle_tau"] = 0.5
+    with pytest.raises(SchemaViolation, match="-1 for all others"):
+        write_table(frame, tmp_path / "r.parquet", EvalRequestSchema)
+    # without the column there can be no oracle row
+    frame = pd.DataFrame(table).drop(columns=["oracle_tau"])
+    with pytest.raises(SchemaViolation, match="oracle_tau in"):
+        write_table(frame, tmp_path / "r.parquet", EvalRequestSchema)
+    # one row per problem per threshold
+    twice = pd.DataFrame(table + [r for r in table if r.get("oracle_tau") == 0.5])
+    with pytest.raises(SchemaViolation, match="uniqueness"):
+        write_table(twice, tmp_path / "r.parquet", EvalRequestSchema)

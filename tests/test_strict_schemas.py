@@ -78,6 +78,7 @@ def _valid(schema: type[pa.DataFrameModel]) -> pd.DataFrame:
                 "mode": ["relay", "random_router", "teacher"],
                 "router_p": [-1.0, 0.25, -1.0],
                 "call_bias": [1.5, 0.0, 0.0],
+                "oracle_tau": [-1.0, -1.0, -1.0],
                 "problem_id": ["p0", "p1", "p2"],
                 "correct": [True, False, True],
                 "student_tokens": [12, 30, 0],
@@ -336,7 +337,8 @@ def test_table_level_failures_name_rows_and_checks(tmp_path: Path) -> None:
         write_table(duplicate, tmp_path / "r.parquet", EvalRequestSchema)
     assert (
         "table: multiple_fields_uniqueness failed at row 0: (benchmark='arith-d1', mode='relay', "
-        "router_p=-1.0, call_bias=1.5, problem_id='p0'); row 3: (benchmark='arith-d1'"
+        "router_p=-1.0, call_bias=1.5, oracle_tau=-1.0, problem_id='p0'); row 3: "
+        "(benchmark='arith-d1'"
     ) in str(info.value)
 
     crossed = valid.assign(command_tokens=[20, 3, 0])  # row 0: more commands than tokens
@@ -508,7 +510,8 @@ def test_missing_column_is_refused(
     df = _valid(schema).drop(columns=[column])
     path = tmp_path / "t.parquet"
     if not schema.to_schema().columns[column].required:
-        # an optional column (EvalRequestSchema.call_bias: older tables have none) may be absent
+        # an optional column (EvalRequestSchema.call_bias, oracle_tau: older tables have none)
+        # may be absent
         write_table(df, path, schema)
         assert column not in read_table(path, schema).columns
         return

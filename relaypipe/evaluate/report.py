@@ -41,6 +41,15 @@ cost_usd_uncached, latency_s, ...; token, FLOP, money and latency values are mea
   router matched in accuracy, :func:`~relaypipe.evaluate.cost.match_accuracy`) and
   ``cost_reduction`` = 1 − call ratio / router_call_ratio: null, with the reason in ``note``,
   where the router never reaches the point's accuracy (or only at call ratio 0).
+* ``oracle_curve.<average|name>``: the oracle caller (evaluate.oracle_sweep; rows of mode
+  ``oracle``), one point per threshold ``{oracle_tau, call_ratio, accuracy, calls_per_request,
+  mode}`` by call ratio, anchored at 0 by the student (relaypipe/evaluate/oracle_curve.py); on
+  average, the thresholds every benchmark has. Empty lists when the oracle did not run.
+* ``relay_vs_oracle.<average|name>``: the relay run against the oracle at the relay's teacher
+  share: ``{call_ratio, accuracy, oracle_accuracy, ratio, read}``, ``ratio`` = relay accuracy /
+  oracle accuracy there (interpolated on the oracle curve, or the saturated oracle's above it;
+  null, with ``notes.relay_vs_oracle.<panel>``, where neither applies). ``{}`` without the
+  oracle. ``cost_reduction_by_budget`` entries carry ``oracle_accuracy_at_share`` the same way.
 * ``notes.<key>``: why a number is null. A relay accuracy outside the router curve's accuracy
   range (below the student, i.e. p = 0, or above the best point) has no performance-matched
   router: the reduction is null, never extrapolated. So is a relay matched at call ratio 0
@@ -78,7 +87,14 @@ from relaypipe.evaluate.cost import (
     summarize_requests,
     wilson_interval,
 )
+from relaypipe.evaluate.oracle_curve import (
+    macro_oracle,
+    oracle_at,
+    oracle_points,
+    relay_vs_oracle,
+)
 from relaypipe.evaluate.suite import NOT_A_ROUTER
+from relaypipe.schemas import ORACLE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -254,9 +270,12 @@ def _pareto(
 
 
 def _by_budget(
-    points: Sequence[Mapping[str, Any]], curve: Sequence[Mapping[str, float]]
+    points: Sequence[Mapping[str, Any]],
+    curve: Sequence[Mapping[str, float]],
+    oracle: Sequence[Mapping[str, Any]] = (),
 ) -> list[dict[str, Any]]:
-    """Per relay point, the cost reduction against the router matched in accuracy."""
+    """Per relay point, the cost reduction against the router matched in accuracy, and the
+    oracle's accuracy at its share (null without an oracle curve or where it cannot be read)."""
     out = []
     for p in points:
         at = interpolate_curve(curve, "call_ratio", p["call_ratio"], label="random-router")
@@ -266,6 +285,7 @@ def _by_budget(
             "router_call_ratio": None,
             "cost_reduction": None,
             "note": None,
+            "oracle_accuracy_at_share": oracle_at(oracle, p["call_ratio"]).accuracy,
         }
         matched = match_accuracy(curve, p["accuracy"])
         if not matched.ok:
@@ -347,11 +367,14 @@ def build_metrics(
     benchmarks: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[dict[str, float]]] = {}
     sweeps: dict[str, dict[float, dict[str, float]]] = {}
+    oracles: dict[str, dict[float, dict[str, float]]] = {}
     notes: dict[str, str] = {}
     decoding = decoding or {}
     for name in names:
         sub = df[df["benchmark"] == name]
-        single = sub[(sub["router_p"] == NOT_A_ROUTER) & (sub["mode"] != "relay_sweep")]
+        single = sub[
+            (sub["router_p"] == NOT_A_ROUTER) & ~sub["mode"].isin(["relay_sweep", ORACLE_MODE])
+        ]
         modes = {
             mode: summarize_requests(rows, confidence) for mode, rows in single.groupby("mode")
         }
@@ -359,6 +382,11 @@ def build_metrics(
         sweeps[name] = {
             float(b): summarize_requests(rows, confidence)
             for b, rows in (swept.groupby("call_bias") if len(swept) else ())
+        }
+        judged = sub[sub["mode"] == ORACLE_MODE]  # (the schema: they have oracle_tau)
+        oracles[name] = {
+            float(t): summarize_requests(rows, confidence)
+            for t, rows in (judged.groupby("oracle_tau") if len(judged) else ())
         }
         routers = [
             {**summarize_requests(rows, confidence), "router_p": float(p)}
@@ -387,16 +415,23 @@ def build_metrics(
         notes.update({f"{name}.{k}": v for k, v in h_notes.items()})
 
     relay_bias = decoding.get("call_bias", _table_bias(requests))
-    panels = {"average": (macro, _macro_relay(sweeps, names), macro_curve)}
-    panels.update({b: (benchmarks[b], sweeps[b], curves[b]) for b in names})
-    relay_curves, pareto, by_budget = {}, {}, {}
-    for panel, (modes, sweep, curve) in panels.items():
+    panels = {
+        "average": (macro, _macro_relay(sweeps, names), macro_curve, macro_oracle(oracles, names))
+    }
+    panels.update({b: (benchmarks[b], sweeps[b], curves[b], oracles[b]) for b in names})
+    relay_curves, pareto, by_budget, oracle_curves, vs_oracle = {}, {}, {}, {}, {}
+    for panel, (modes, sweep, curve, by_tau) in panels.items():
         points = _relay_points(sweep, modes.get("relay"), relay_bias)
         relay_curves[panel] = points
         pareto[panel], why = _pareto(points, curve)
         if why:
             notes[f"pareto.{panel}"] = why
-        by_budget[panel] = _by_budget(points, curve)
+        oracle_curves[panel] = oracle_points(by_tau, modes.get("student"))
+        by_budget[panel] = _by_budget(points, curve, oracle_curves[panel])
+        if oracle_curves[panel]:
+            vs_oracle[panel], why = relay_vs_oracle(modes.get("relay"), oracle_curves[panel])
+            if why:
+                notes[f"relay_vs_oracle.{panel}"] = why
 
     calibration = _calibration(decoding.get("calibration"), benchmarks, macro)
     metrics: dict[str, Any] = {
@@ -412,6 +447,8 @@ def build_metrics(
         "relay_curve": {k: [_round(p) for p in v] for k, v in relay_curves.items()},
         "pareto": {k: _round(v) if v is not None else None for k, v in pareto.items()},
         "cost_reduction_by_budget": {k: [_round(p) for p in v] for k, v in by_budget.items()},
+        "oracle_curve": {k: [_round(p) for p in v] for k, v in oracle_curves.items()},
+        "relay_vs_oracle": {k: _round(v) for k, v in vs_oracle.items()},
         "notes": notes,
         "confidence": confidence,
         "call_bias": decoding.get("call_bias", 0.0),  # a number, or "inf" / "-inf"
@@ -480,7 +517,10 @@ def headline_metrics(
       end-of-stage checks measured (see TRAINING_HEADLINE);
     * ``warnings``: how many warnings summary.json (and report.md) holds;
     * ``calibration`` (only when evaluate calibrated the call bias): ``target_share`` and
-      ``realised_share`` (the relay's macro teacher share).
+      ``realised_share`` (the relay's macro teacher share);
+    * ``relay_vs_oracle`` (only when evaluate ran the oracle caller): the relay's macro
+      accuracy as a fraction of the oracle's at its teacher share (summary.json
+      ``relay_vs_oracle.average.ratio``).
 
     A null means summary.json has no value: its ``notes`` say why (a mode not evaluated at all
     has no note: it is simply absent from summary.json's ``modes``).
@@ -509,6 +549,9 @@ def headline_metrics(
             "target_share": calibration["target_share"],
             "realised_share": calibration["average"]["share"],
         }
+    average = summary.get("relay_vs_oracle", {}).get("average")
+    if summary.get("oracle_curve", {}).get("average"):
+        out["relay_vs_oracle"] = None if average is None else average["ratio"]
     return _round(out)
 
 
@@ -557,8 +600,8 @@ def _macro_curve(
 
 
 def plot_points(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """tradeoff.json rows (macro averages): every mode, every router p and every relay_sweep
-    bias (``mode`` says which), by call ratio."""
+    """tradeoff.json rows (macro averages): every mode, every router p, every relay_sweep
+    bias and every oracle threshold (``mode`` says which)."""
     rows = []
     for point in metrics["router_curve"]["average"]:
         p = point["router_p"]
@@ -593,11 +636,24 @@ def plot_points(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "accuracy": point["accuracy"],
             }
         )
+    for point in metrics.get("oracle_curve", {}).get("average", []):
+        if point["mode"] != ORACLE_MODE:
+            continue  # the student anchor is the "student" row above
+        rows.append(
+            {
+                "name": f"oracle tau={point['oracle_tau']:g}",
+                "mode": ORACLE_MODE,
+                "router_p": NOT_A_ROUTER,
+                "call_ratio": point["call_ratio"],
+                "accuracy": point["accuracy"],
+            }
+        )
     return rows
 
 
 def render_png(metrics: Mapping[str, Any]) -> bytes:
-    """Accuracy against call ratio: the router sweep as a curve, each mode as a point."""
+    """Accuracy against call ratio: the router sweep, the relay sweep and the oracle caller as
+    curves, each mode as a point."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on CI machines and GPU workers
@@ -629,6 +685,17 @@ def render_png(metrics: Mapping[str, Any]) -> bytes:
                 ms=4,
                 alpha=0.8,
                 label="relay (bias sweep)",
+            )
+        oracle = metrics.get("oracle_curve", {}).get(panel, [])
+        if oracle:
+            ax.plot(
+                [p["call_ratio"] for p in oracle],
+                [p["accuracy"] for p in oracle],
+                "--^",
+                color="tab:green",
+                ms=4,
+                alpha=0.8,
+                label="oracle caller (τ sweep)",
             )
         for mode in MODE_ORDER:
             if mode not in modes:
@@ -841,7 +908,9 @@ def _pareto_lines(metrics: Mapping[str, Any], names: Sequence[str]) -> list[str]
     relay_sweep runs and the relay run) against the router, and the area between the curves.
     Nothing when no relay_sweep ran."""
     curves = metrics.get("relay_curve", {})
-    if not any(p["mode"] == "relay_sweep" for c in curves.values() for p in c):
+    oracle = metrics.get("oracle_curve", {})
+    has_oracle = any(oracle.values())
+    if not has_oracle and not any(p["mode"] == "relay_sweep" for c in curves.values() for p in c):
         return []
     lines = [
         "",
@@ -856,23 +925,37 @@ def _pareto_lines(metrics: Mapping[str, Any], names: Sequence[str]) -> list[str]
         "(trapezoids; accuracy × share), and the mean accuracy gain (area / width of the "
         "range).",
     ]
+    if has_oracle:
+        lines += [
+            "",
+            "The oracle caller (`evaluate.oracle_sweep`; relaypipe/evaluate/oracle.py): the "
+            "bootstrap student with the teacher judging every step: the teacher writes each "
+            "step where it would have written another token and gives the student's token a "
+            "probability below τ, under the relay's budgets. It peeks at the teacher at every "
+            "step, so it is a reference for *where* to call, not a deployable cost. Its "
+            "accuracy at a share is read off its curve (anchored at 0 by the student; above "
+            "it, the saturated oracle's, τ ≥ 0.5); relay / oracle is the relay's accuracy as a "
+            "fraction of it.",
+        ]
     notes = metrics["notes"]
     for panel in ["average", *names]:
         entries = metrics["cost_reduction_by_budget"].get(panel, [])
+        extra = " oracle accuracy % at that share |" if has_oracle else ""
         lines += [
             "",
             f"### {panel}",
             "",
             "| bias | teacher share % | accuracy % | router accuracy % at that share | "
-            "cost reduction vs router at equal accuracy |",
-            "|---:|---:|---:|---:|---:|",
+            f"cost reduction vs router at equal accuracy |{extra}",
+            "|---:|---:|---:|---:|---:|" + ("---:|" if has_oracle else ""),
         ]
         for e in entries:
             star = " *" if e["mode"] == "relay" else ""
+            cell = f" {_pct(e.get('oracle_accuracy_at_share'))} |" if has_oracle else ""
             lines.append(
                 f"| {_bias_text(e['call_bias'])}{star} | {_pct(e['call_ratio'])} | "
                 f"{_pct(e['accuracy'])} | {_pct(e['router_accuracy_at_share'])} | "
-                f"{_fmt(e['cost_reduction'], '.3f')} |"
+                f"{_fmt(e['cost_reduction'], '.3f')} |{cell}"
             )
         area = metrics["pareto"].get(panel)
         if area is None:
@@ -886,4 +969,28 @@ def _pareto_lines(metrics: Mapping[str, Any], names: Sequence[str]) -> list[str]
                 f"{area['area_vs_router']:.4g}; mean accuracy gain "
                 f"{100 * area['mean_gain']:+.2f} points.",
             ]
+        if oracle.get(panel):
+            lines += ["", *_oracle_lines(metrics, panel)]
     return lines
+
+
+def _oracle_lines(metrics: Mapping[str, Any], panel: str) -> list[str]:
+    """report.md: one panel's oracle curve and the relay against it."""
+    points = "; ".join(
+        f"τ {p['oracle_tau']:g}{' (student)' if p['mode'] != ORACLE_MODE else ''}: "
+        f"{_pct(p['call_ratio'])} % → {_pct(p['accuracy'])} %"
+        for p in metrics["oracle_curve"][panel]
+    )
+    vs = metrics.get("relay_vs_oracle", {}).get(panel)
+    if vs is None:
+        verdict = "relay / oracle: null (the relay mode was not evaluated)."
+    elif vs["ratio"] is None:
+        why = metrics["notes"].get(f"relay_vs_oracle.{panel}", "")
+        verdict = f"relay / oracle at the relay's share: null ({why})."
+    else:
+        verdict = (
+            f"relay / oracle at the relay's share ({_pct(vs['call_ratio'])} %): "
+            f"{_pct(vs['accuracy'])} % / {_pct(vs['oracle_accuracy'])} % = **{vs['ratio']:.3f}** "
+            f"(oracle {vs['read']})."
+        )
+    return [f"Oracle caller (teacher share → accuracy): {points}. {verdict}"]

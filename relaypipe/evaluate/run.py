@@ -28,6 +28,30 @@ class Graded:
     correct: bool
 
 
+def prompt_ids(
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    *,
+    chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> list[list[int]]:
+    """Each problem's prompt as token ids: :func:`relaypipe.tasks.base.format_prompt` (with
+    ``chat_template``: the tokenizer's chat template, rendered with ``chat_template_kwargs``),
+    exactly as in training."""
+    return [
+        tokenizer(
+            format_prompt(
+                p.question,
+                tokenizer,
+                chat_template=chat_template,
+                chat_template_kwargs=chat_template_kwargs,
+            ),
+            add_special_tokens=False,
+        ).input_ids
+        for p in problems
+    ]
+
+
 def decode_problems(
     decoder: RelayDecoder,
     problems: Sequence[Problem],
@@ -49,18 +73,9 @@ def decode_problems(
     bar = tqdm(total=len(problems), desc=desc or config.mode, mininterval=2.0, leave=False)
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        prompts = [
-            tok(
-                format_prompt(
-                    p.question,
-                    tok,
-                    chat_template=chat_template,
-                    chat_template_kwargs=chat_template_kwargs,
-                ),
-                add_special_tokens=False,
-            ).input_ids
-            for p in chunk
-        ]
+        prompts = prompt_ids(
+            tok, chunk, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
+        )
         for p, tr in zip(chunk, decoder.decode(prompts, config, first_id=start), strict=True):
             text = reader_text(tok, tr.token_ids)
             out.append(Graded(p, tr, text, is_correct(text, p.answer)))

@@ -16,6 +16,14 @@ random_router    bootstrap student   ``random_router`` with ``router_p`` = p, on
 relay_sweep      GRPO student        ``relay`` with ``call_bias`` = b, one run per b
 ===============  ==================  =======================================================
 
+and, outside the decoder, the *oracle caller* (rows of mode ``oracle``, one run per threshold
+tau of ``oracle_sweep``; :func:`evaluate_oracle`): the bootstrap student, as the router's, with
+the teacher judging every step and writing where it would have written another token
+(relaypipe/evaluate/oracle.py). It is the reference for *where* to call that the relay's curve is
+compared with; it peeks at the teacher at every step, so it is no deployable mode, and
+``evaluate.modes`` cannot name it (``evaluate.oracle_sweep`` turns it on). It decodes under the
+relay's bounds and budgets and greedily.
+
 The random router hands each next token to the teacher with probability p, independently
 (DESIGN.md §1), with the bootstrap student writing the rest: it is the no-learning baseline that
 the relay's learned calls are compared with at equal call ratio or equal accuracy.
@@ -34,6 +42,10 @@ relay's: the decoder enforces them in every mode, so the baselines (``teacher`` 
 ``random_router`` sweep, ``relaypipe.bounds.UNBUDGETED``) decode without them. Otherwise the
 teacher alone would stop after the relay's 12 tokens and the router sweep could not reach high
 shares.
+
+Columns (``REQUEST_COLUMNS``, EvalRequestSchema): every row records ``router_p`` (-1 unless a
+random_router row), ``call_bias`` (above) and ``oracle_tau`` (the oracle's threshold on its
+rows, -1 on every other).
 """
 
 from __future__ import annotations
@@ -49,23 +61,32 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from relaypipe.bounds import UNBUDGETED
-from relaypipe.evaluate.run import decode_problems
+from relaypipe.evaluate.oracle import OracleLimits, oracle_decode
+from relaypipe.evaluate.run import decode_problems, prompt_ids
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
+from relaypipe.relay.grammar import CALL_CLOSE, CALL_OPEN
 from relaypipe.relay.sampling import MAX_FINITE_BIAS
-from relaypipe.schemas import EVAL_MODES
+from relaypipe.schemas import EVAL_MODES, ORACLE_MODE
 from relaypipe.tasks.base import Problem
+from relaypipe.tasks.grading import is_correct, reader_text
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "MODE_PLAN",
+    "NOT_AN_ORACLE",
     "NOT_A_ROUTER",
+    "ORACLE_ROLE",
     "ModeRun",
     "evaluate_benchmarks",
+    "evaluate_oracle",
+    "oracle_label",
     "plan_runs",
 ]
 
 NOT_A_ROUTER = -1.0  # router_p of every row that is not a random_router run
+NOT_AN_ORACLE = -1.0  # oracle_tau of every row that is not an oracle run
+ORACLE_ROLE = "student"  # the oracle's student: the bootstrap one, as the router's
 
 # mode -> (student model role, decoder mode)
 MODE_PLAN: dict[str, tuple[str, str]] = {
@@ -189,6 +210,7 @@ def evaluate_benchmarks(
                     "mode": run.mode,
                     "router_p": run.router_p,
                     "call_bias": bias,
+                    "oracle_tau": NOT_AN_ORACLE,
                     "problem_id": g.problem.problem_id,
                     "correct": g.correct,
                     "student_tokens": tr.n_student,
@@ -216,11 +238,125 @@ def evaluate_benchmarks(
     return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
 
 
+def oracle_label(tau: float) -> str:
+    return f"{ORACLE_MODE} tau={tau:g}"
+
+
+def evaluate_oracle(
+    benchmarks: Mapping[str, Sequence[Problem]],
+    taus: Sequence[float],
+    student: Any,
+    teacher: Any,
+    tokenizer: Any,
+    limits: OracleLimits,
+    batch_size: int = 100,
+    *,
+    chat_template: bool = False,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """The oracle caller at every threshold of ``taus`` on every benchmark; rows shaped like
+    EvalRequestSchema (mode ``oracle``, ``oracle_tau`` its threshold).
+
+    ``student`` and ``teacher`` are in-process models sharing ``tokenizer``; ``limits`` are the
+    relay's bounds. The (problem, tau) pairs of a benchmark decode in batches of
+    ``batch_size``; prompts are framed as in every other mode.
+    """
+    taus = sorted({float(t) for t in taus})
+    eos = {int(e) for e in _eos_ids(student, teacher, tokenizer)}
+    tags = [
+        i
+        for i in tokenizer.convert_tokens_to_ids([CALL_OPEN, CALL_CLOSE])
+        if _real_id(i, tokenizer)
+    ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    rows: list[dict] = []
+    for name, problems in benchmarks.items():
+        prompts = prompt_ids(
+            tokenizer,
+            problems,
+            chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        jobs = [(tau, i) for tau in taus for i in range(len(problems))]
+        traces = {}
+        for start in tqdm(
+            range(0, len(jobs), batch_size), desc=f"{name} {ORACLE_MODE}", leave=False
+        ):
+            chunk = jobs[start : start + batch_size]
+            decoded = oracle_decode(
+                student,
+                teacher,
+                [prompts[i] for _, i in chunk],
+                [tau for tau, _ in chunk],
+                limits,
+                eos_ids=eos,
+                pad_id=pad,
+                banned_ids=tags,
+            )
+            traces.update(zip(chunk, decoded, strict=True))
+        for tau in taus:
+            graded = [
+                (p, tr, is_correct(reader_text(tokenizer, tr.token_ids), p.answer))
+                for p, tr in ((p, traces[(tau, i)]) for i, p in enumerate(problems))
+            ]
+            for p, tr, correct in graded:
+                rows.append(
+                    {
+                        "benchmark": name,
+                        "mode": ORACLE_MODE,
+                        "router_p": NOT_A_ROUTER,
+                        "call_bias": 0.0,
+                        "oracle_tau": tau,
+                        "problem_id": p.problem_id,
+                        "correct": correct,
+                        "student_tokens": tr.n_student,
+                        "teacher_tokens": tr.n_teacher,
+                        "command_tokens": 0,
+                        "calls": tr.calls,
+                        "teacher_prefill_tokens": tr.teacher_prefill_tokens,
+                        "teacher_context_tokens": tr.teacher_context_tokens,
+                        "student_prefill_tokens": tr.student_prefill_tokens,
+                        "latency_s": tr.seconds,
+                    }
+                )
+            teacher_tokens = sum(tr.n_teacher for _, tr, _ in graded)
+            generated = sum(tr.n_generated for _, tr, _ in graded) or 1
+            right = sum(c for _, _, c in graded)
+            log.info(
+                "%s %s: accuracy %.3f (%d/%d), call ratio %.4f, %d steps refused by a budget",
+                name,
+                oracle_label(tau),
+                right / max(1, len(graded)),
+                right,
+                len(graded),
+                teacher_tokens / generated,
+                sum(tr.refused for _, tr, _ in graded),
+            )
+    return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
+
+
+def _eos_ids(*holders: Any) -> set[int]:
+    """The end-of-sequence ids the models' configs and the tokenizer name."""
+    out: set[int] = set()
+    for h in holders:
+        eos = getattr(getattr(h, "config", h), "eos_token_id", None)
+        if eos is None:
+            continue
+        out.update([eos] if isinstance(eos, int) else eos)
+    return out
+
+
+def _real_id(token_id: Any, tokenizer: Any) -> bool:
+    """A tag the tokenizer holds as one token (not its unknown-token id)."""
+    return isinstance(token_id, int) and token_id != tokenizer.unk_token_id
+
+
 REQUEST_COLUMNS = [
     "benchmark",
     "mode",
     "router_p",
     "call_bias",
+    "oracle_tau",
     "problem_id",
     "correct",
     "student_tokens",

@@ -14,6 +14,15 @@ random_router at each p of ``router_p``, and relay_sweep at each bias of ``call_
 accuracy-against-teacher-share curve, which the report sets beside the router's). Greedy by
 default (``temperature: 0``), like the paper's reported numbers.
 
+The oracle caller (relaypipe/evaluate/oracle.py), at each threshold tau of ``oracle_sweep``
+(empty: off; not a mode of ``modes``): the bootstrap student decodes greedily and the teacher,
+judging every step, writes the steps where it would have written another token and gives the
+student's a probability below tau, under the relay's bounds and budgets. It peeks at the
+teacher at every step, so it is no deployable caller: it is the reference for *where* to call,
+the curve the report sets beside the relay's (rows of mode ``oracle``, requests.parquet
+``oracle_tau``). It needs the teacher in-process (its probabilities at every step) and
+``temperature: 0``.
+
 Bounds and prompt format: every mode decodes under ``bounds`` (relaypipe/bounds.py) and frames
 questions with ``chat_template``/``chat_template_kwargs``. ``bounds: null`` (the default) means
 the ones the relay model was trained under, read from ``relay_model``/relay.json (grpo writes
@@ -64,11 +73,13 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pandas as pd
 import torch
 
 from relaypipe.bounds import (
@@ -82,14 +93,28 @@ from relaypipe.bounds import (
     read_relay_record,
 )
 from relaypipe.calibrate import CalibrationResult, calibrate
-from relaypipe.evaluate.suite import ModeRun, evaluate_benchmarks, plan_runs
+from relaypipe.evaluate.oracle import OracleLimits
+from relaypipe.evaluate.suite import (
+    ORACLE_ROLE,
+    ModeRun,
+    evaluate_benchmarks,
+    evaluate_oracle,
+    oracle_label,
+    plan_runs,
+)
 from relaypipe.micro.models import count_parameters
 from relaypipe.models import check_dtype, load_model
 from relaypipe.publish import together
 from relaypipe.relay.decoder import RelayConfig, RelayDecoder
 from relaypipe.relay.sampling import Sampling
 from relaypipe.relay.transformers_backend import TransformersBackend
-from relaypipe.schemas import EVAL_MODES, EvalRequestSchema, ProblemSchema, frame_to_problems
+from relaypipe.schemas import (
+    EVAL_MODES,
+    ORACLE_MODE,
+    EvalRequestSchema,
+    ProblemSchema,
+    frame_to_problems,
+)
 from relaypipe.stages.common import stage_params
 from relaypipe.stages.inputs import MissingInputError, StageInputError, check_model_dir, check_table
 from relaypipe.student import Student, StudentServer, build_student
@@ -163,6 +188,9 @@ class EvaluateParams:
     # relay_sweep: one relay run per bias (finite; absolute, not relative to call_bias or the
     # calibrated bias): the relay's Pareto curve in the report
     call_bias_sweep: list[float] = field(default_factory=lambda: [-4.0, -2.0, 2.0, 4.0])
+    # the oracle caller: one run per threshold tau in [0, 1] (0: never calls; >= 0.5: at every
+    # step where the teacher would write another token); empty: off (module docstring)
+    oracle_sweep: list[float] = field(default_factory=list)
     benchmarks: list[str] | None = None  # names under benchmarks_dir (None: every table there)
     limit: int | None = None  # the first N problems of each benchmark (None: all)
     temperature: float = 0.0  # 0: greedy, for student and teacher alike
@@ -211,7 +239,13 @@ class EvaluateParams:
         bad = [b for b in self.call_bias_sweep if not _real(b)]
         if bad:
             raise ValueError(f"call_bias_sweep values must be finite numbers, got {bad}")
+        if ORACLE_MODE in self.modes:
+            raise ValueError(
+                f"modes names {ORACLE_MODE!r}: the oracle caller is no decoder mode; it runs at "
+                "each threshold of evaluate.oracle_sweep (empty: off)"
+            )
         self.runs()  # unknown modes fail here, naming the key
+        self._check_oracle()
         if not self.modes:
             raise ValueError("modes is empty")
         if "random_router" in self.modes and not self.router_p:
@@ -240,6 +274,28 @@ class EvaluateParams:
             raise ValueError(
                 "teacher.server needs params (the served model's parameter count): the "
                 "report's FLOPs and cost cannot read it from weights behind a server"
+            )
+
+    def _check_oracle(self) -> None:
+        bad = [t for t in self.oracle_sweep if not (_real(t) and 0.0 <= t <= 1.0)]
+        if bad:
+            raise ValueError(f"oracle_sweep values must be numbers in [0, 1], got {bad}")
+        if not self.oracle_sweep:
+            return
+        if self.temperature != 0:
+            raise ValueError(
+                f"oracle_sweep needs temperature 0, got {self.temperature}: the oracle caller "
+                "decodes greedily, and a sampled relay would not compare with it"
+            )
+        if self.teacher.server is not None:
+            raise ValueError(
+                "oracle_sweep needs the teacher in-process (teacher.server null): the oracle "
+                "reads the teacher's probabilities at every step, which a server does not give"
+            )
+        if getattr(self.student_servers, ORACLE_ROLE) is not None:
+            raise ValueError(
+                f"oracle_sweep needs the {ORACLE_ROLE} in-process (student_servers."
+                f"{ORACLE_ROLE} null): the oracle reads its probabilities at every step"
             )
 
     def runs(self) -> list[ModeRun]:
@@ -380,6 +436,14 @@ STUDENT_MAKERS = {
 }
 
 
+def student_roles(params: EvaluateParams) -> list[str]:
+    """The students the runs decode with (the oracle's too, when it runs)."""
+    roles = {r.student_role for r in params.runs()}
+    if params.oracle_sweep:
+        roles.add(ORACLE_ROLE)
+    return sorted(roles)
+
+
 def load_held_out(params: EvaluateParams) -> list[Problem]:
     """The held-out problems calibrate decodes (the first calibrate.n_problems of
     eval_problems), checked; none when calibrate is off (the table is not read)."""
@@ -405,7 +469,7 @@ def read_inputs(
     benchmarks = load_benchmarks(params)
     held_out = load_held_out(params)
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
-    for role in sorted({r.student_role for r in params.runs()}):
+    for role in student_roles(params):
         param, made_by = STUDENT_MAKERS[role]
         served = getattr(params.student_servers, role) is not None
         check_model_dir(paths[role], param=param, made_by=made_by, weights=not served)
@@ -501,7 +565,7 @@ def run(params: EvaluateParams) -> dict:
         torch.set_num_threads(params.threads)
     benchmarks, decoding, held_out = read_inputs(params)
     runs = params.runs()
-    roles = sorted({r.student_role for r in runs})
+    roles = student_roles(params)
 
     loaded = load_students(params, roles)
     students = {}
@@ -552,6 +616,26 @@ def run(params: EvaluateParams) -> dict:
             params.batch_size,
             **decoding.prompt.format_kwargs(),
         )
+        oracle_seconds = None
+        if params.oracle_sweep:
+            start = time.perf_counter()
+            oracle = evaluate_oracle(
+                benchmarks,
+                params.oracle_sweep,
+                loaded[ORACLE_ROLE].model,
+                teacher.model,
+                tok,
+                OracleLimits.from_bounds(decoding.bounds, params.max_new_tokens),
+                params.batch_size,
+                **decoding.prompt.format_kwargs(),
+            )
+            oracle_seconds = round(time.perf_counter() - start, 1)
+            log.info(
+                "evaluate: the oracle caller at %d threshold(s) took %.1f s",
+                len(set(params.oracle_sweep)),
+                oracle_seconds,
+            )
+            table = pd.concat([table, oracle], ignore_index=True)
 
     out = Path(params.out_dir)
     models = {
@@ -564,7 +648,10 @@ def run(params: EvaluateParams) -> dict:
             ),
         },
         "students": students,
-        "modes": {r.mode: r.student_role for r in runs},
+        "modes": {
+            **{r.mode: r.student_role for r in runs},
+            **({ORACLE_MODE: ORACLE_ROLE} if params.oracle_sweep else {}),
+        },
         # the bounds, prompt format and relay call bias, where each came from, the calibration
         "decoding": decoding.to_json(),
     }
@@ -576,9 +663,14 @@ def run(params: EvaluateParams) -> dict:
     summary: dict[str, Any] = {
         "requests": len(table),
         "benchmarks": {name: len(problems) for name, problems in benchmarks.items()},
-        "runs": [r.label for r in runs],
+        "runs": [
+            *(r.label for r in runs),
+            *(oracle_label(t) for t in sorted(set(map(float, params.oracle_sweep)))),
+        ],
         "call_bias": bias_json(decoding.call_bias),
     }
+    if oracle_seconds is not None:
+        summary["oracle_seconds"] = oracle_seconds
     return summary
 
 

@@ -15,24 +15,27 @@ sft's and grpo's headline accuracy). Writes, all under ``data/eval/``:
   95 % Wilson intervals for every accuracy, ``router_curve``, the relay's Pareto curve
   (``relay_curve``: the relay_sweep runs at each call bias and the relay run;
   ``pareto``: the area between it and the router curve over the relay's share range;
-  ``cost_reduction_by_budget``: per relay point, against the router matched in accuracy),
-  ``notes`` saying why any number
-  is null (nothing to compare: no matched router, a relay that never called, no gap) and
+  ``cost_reduction_by_budget``: per relay point, against the router matched in accuracy, and
+  the oracle caller's accuracy at its share), the oracle caller's curve (``oracle_curve``, when
+  evaluate ran ``oracle_sweep``) and the relay against it (``relay_vs_oracle``: the relay's
+  accuracy as a fraction of the oracle's at the relay's teacher share), ``notes`` saying why
+  any number is null (nothing to compare: no matched router, a relay that never called, no gap) and
   ``warnings`` (those the earlier stages recorded in ``stage_metrics``, plus the report's own;
   they head report.md) (relaypipe/evaluate/report.py has the full shape);
 * ``metrics.json``: the DVC metric, headline scalars only (about a dozen columns in
   ``dvc exp show``): the relay's, student's and teacher's average accuracy, the relay's teacher
   share, gap recovered (on average and per benchmark), the two cost reductions, sft's and grpo's
-  relay accuracy, the number of warnings and, when calibrated, the target and realised teacher
-  share (relaypipe/evaluate/report.py ``headline_metrics`` has the shape; nulls are explained
-  in summary.json's ``notes``);
-* ``plots/tradeoff.json``: accuracy against call ratio for every mode, router p and relay_sweep
-  bias (DVC plot);
+  relay accuracy, the number of warnings, when calibrated the target and realised teacher
+  share, and when the oracle ran ``relay_vs_oracle`` (relaypipe/evaluate/report.py
+  ``headline_metrics`` has the shape; nulls are explained in summary.json's ``notes``);
+* ``plots/tradeoff.json``: accuracy against call ratio for every mode, router p, relay_sweep
+  bias and oracle threshold (DVC plot);
 * ``tradeoff.png``: the same drawn with matplotlib, per benchmark and averaged (the router
-  sweep and the relay sweep as curves);
+  sweep, the relay sweep and the oracle caller as curves);
 * ``report.md``: the paper-shaped table (rows: modes; columns: benchmarks + average; call % in
   parentheses), the headline, a per-mode cost table, the router sweep and, when evaluate ran
-  relay_sweep, the section "Pareto: relay vs random router".
+  relay_sweep or the oracle, the section "Pareto: relay vs random router" (with the oracle
+  caller's curve and the relay's fraction of it per benchmark).
 
 Departures from the paper: cost counts teacher prefill (with and without prefix caching),
 FLOPs, money and latency besides the generated-token share; the matched router is interpolated
