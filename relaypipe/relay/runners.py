@@ -102,6 +102,12 @@ class LlamaRunner:
     ops per layer: q/k/v and gate/up are one matmul each, the rotary "rotate half" is one roll
     with a signed sine table, the vocabulary projection runs only on each row's last position.
     Weights are re-read whenever a parameter changes (training between rollouts).
+
+    It pays (``relaypipe bench --pair realistic --forward model`` against the default, 2 CPU
+    cores, one thread): student-only decoding 1.6x the model's own forward at batch 1 (272 vs
+    170 tokens/s; the model's own is 0.86x ``generate()``, this one 1.28x) and 1.14x at batch
+    8; the teacher 1.22x at batch 1; relay (random router, 5 %) 1.23x at batch 1 and 1.06x at
+    batch 8. The gain is the fixed cost per forward, which small models and batches feel most.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
