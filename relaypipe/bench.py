@@ -131,6 +131,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="lean",
         help="lean: the hand-written Llama forward where it applies; model: the model's own",
     )
+    p.add_argument(
+        "--refill",
+        action="store_true",
+        help="keep batch-size requests decoding, the next prompt joining as one finishes "
+        "(a server's continuous batching), instead of chunks of batch-size",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     add_bound_arguments(p)
     add_prompt_arguments(p)
@@ -262,13 +268,19 @@ def _chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _decode(dec: RelayDecoder, prompts: list[list[int]], batch: int, cfg: RelayConfig) -> _Run:
-    """Decode ``prompts`` in chunks of ``batch``; prompt ``i`` is request id ``i`` whatever
-    its chunk, so every request has its own RNG and router streams (as in one big batch)."""
+def _decode(
+    dec: RelayDecoder, prompts: list[list[int]], batch: int, cfg: RelayConfig, refill: bool = False
+) -> _Run:
+    """Decode ``prompts`` in chunks of ``batch``, or (``refill``) ``batch`` at a time with the
+    next prompt joining as one finishes; prompt ``i`` is request id ``i`` whatever its chunk,
+    so every request has its own RNG and router streams (as in one big batch)."""
     traces: list[RelayTrace] = []
     t0 = time.perf_counter()
-    for start in range(0, len(prompts), batch):
-        traces.extend(dec.decode(prompts[start : start + batch], cfg, first_id=start))
+    if refill:
+        traces = dec.decode(prompts, cfg, max_batch=batch)
+    else:
+        for start in range(0, len(prompts), batch):
+            traces.extend(dec.decode(prompts[start : start + batch], cfg, first_id=start))
     seconds = time.perf_counter() - t0
     return _Run(seconds, sum(t.n_generated for t in traces), traces)
 
@@ -349,6 +361,7 @@ def run_benchmark(
     call_bias_from: str = "default",
     schedule: str = "continuous",
     forward: str = "lean",
+    refill: bool = False,
 ) -> dict[str, Any]:
     """Measure every mode for every batch size on ``pair``; returns the JSON-able results.
 
@@ -356,7 +369,9 @@ def run_benchmark(
     (``decoding_from``: where they came from, for the results' config); ``call_bias``: the
     bias of the ``calls`` decode (mode relay), ``call_bias_from`` where it came from;
     ``schedule``: the decoder's (continuous or rounds); ``forward``: ``lean`` (the hand-written
-    Llama forward where it applies) or ``model`` (the model's own)."""
+    Llama forward where it applies) or ``model`` (the model's own); ``refill``: every mode
+    keeps ``batch`` requests decoding, the next prompt joining as one finishes, instead of
+    decoding chunks of ``batch``."""
     from relaypipe.tasks.base import format_prompt
 
     student, teacher, tok = pair.student, pair.teacher, pair.tokenizer
@@ -394,11 +409,11 @@ def run_benchmark(
         for r in range(repeats):
             if progress:
                 progress(f"batch {b}: repeat {r + 1}/{repeats}")
-            per["student"].append(_decode(dec, prompts, b, cfg("student")))
-            per["teacher"].append(_decode(dec, prompts, b, cfg("teacher")))
+            per["student"].append(_decode(dec, prompts, b, cfg("student"), refill))
+            per["teacher"].append(_decode(dec, prompts, b, cfg("teacher"), refill))
             for p in router_ps:
-                relay[p].append(_decode(dec, prompts, b, cfg("random_router", p)))
-            calls.append(_decode(dec, prompts, b, cfg("relay")))
+                relay[p].append(_decode(dec, prompts, b, cfg("random_router", p), refill))
+            calls.append(_decode(dec, prompts, b, cfg("relay"), refill))
             g_sec, g_tok, gen_rows = _hf_generate(student, tok, texts, b, max_new_tokens)
             per["generate"].append(_Run(g_sec, g_tok, []))
             per["pf"].append((_prefill(s_back, prompts, b), _prefill(t_back, prompts, b)))
@@ -512,6 +527,7 @@ def run_benchmark(
             "call_bias_from": call_bias_from,
             "repeats": repeats,
             "schedule": schedule,
+            "refill": refill,
             "forward": {"student": s_back.fast, "teacher": t_back.fast},
             "threads": torch.get_num_threads(),
             "device": device,
@@ -649,6 +665,7 @@ def run(args: argparse.Namespace) -> int:
             call_bias_from=decoding.call_bias_from,
             schedule=args.schedule,
             forward=args.forward,
+            refill=args.refill,
         )
     finally:
         torch.set_num_threads(threads)

@@ -67,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="lean: the hand-written Llama forward where it applies; model: the model's own",
     )
     p.add_argument(
+        "--refill",
+        action="store_true",
+        help="keep batch-size requests decoding, the next prompt joining as one finishes "
+        "(a server's continuous batching), instead of chunks of batch-size",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="write the results as JSON here (None: don't)"
     )
     # absent: the student's relay.json (its training bounds and prompt format), else defaults

@@ -277,3 +277,42 @@ def test_teacher_hold_batches_hand_offs_without_changing_tokens(tiny_models, tok
         RelayDecoder(s, t, tokenizer, teacher_hold=hold).decode_text(prompts[:1], cfg)
         teacher_steps[("alone", hold)] = sum(name == "teacher" for name, _ in log)
     assert teacher_steps[("alone", 0)] == teacher_steps[("alone", 50)]
+
+
+class PeakStreams(TransformersBackend):
+    """Records the most requests its streams held at once."""
+
+    peak = 0
+
+    def open_stream(self, stop_token_ids=frozenset(), sampling=Sampling()):
+        stream = super().open_stream(stop_token_ids, sampling)
+        add = stream.add
+
+        def counted(request):
+            add(request)
+            self.peak = max(self.peak, len(stream))
+
+        stream.add = counted  # type: ignore[method-assign]
+        return stream
+
+
+@pytest.mark.parametrize("name", ["relay", "teacher", "random_router", "student"])
+def test_max_batch_admits_requests_as_others_leave_with_the_same_tokens(
+    tiny_models, tokenizer, name
+):
+    """decode(max_batch=k): at most k requests decoding at once, the rest joining as requests
+    finish; every request's tokens are those of the all-at-once decode."""
+    cfg = RelayConfig(max_new_tokens=30, max_call_tokens=4, seed=2, **CONFIGS[name])
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in many_prompts(9)]
+    student = bigram_llama(tokenizer)
+    whole = None
+    for k in (None, 1, 3):
+        s, t = PeakStreams(student), PeakStreams(tiny_models[1])
+        got = RelayDecoder(s, t, tokenizer).decode(prompts, cfg, max_batch=k)
+        if k is None:
+            whole = got
+            continue
+        assert fingerprint(got) == fingerprint(whole)
+        assert max(s.peak, t.peak) <= k
+    with pytest.raises(ValueError, match="max_batch"):
+        RelayDecoder(s, t, tokenizer).decode(prompts, cfg, max_batch=0)

@@ -115,6 +115,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import count
@@ -254,12 +255,19 @@ class RelayDecoder:
         prompts: Sequence[Sequence[int]],
         config: RelayConfig | None = None,
         first_id: int = 0,
+        max_batch: int | None = None,
     ) -> list[RelayTrace]:
         """Relay-decode a batch of tokenised prompts; one trace per prompt, in order.
 
         Request ``first_id + i`` gets its own RNG streams from (seed, request id), so a run
         split into several batches samples exactly as one big batch would.
+
+        ``max_batch``: at most that many requests decoding at once (with either model); the
+        others wait and join, in order, as requests finish (a server's continuous batching: no
+        batch waits for its slowest request). None: all at once. The tokens are the same.
         """
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
         cfg = config or self.config
         if cfg.biased and not getattr(self.student, "supports_logit_bias", False):
             raise ValueError(
@@ -278,8 +286,21 @@ class RelayDecoder:
         student = open_lane(self.student, frozenset(stops), cfg.student_sampling, rounds)
         auto = self.teacher_hold == "auto"
         hold = 0 if auto else int(self.teacher_hold)
-        teacher = open_lane(self.teacher, frozenset(), cfg.teacher_sampling, rounds, hold)
+        teacher = open_lane(
+            self.teacher, frozenset(), cfg.teacher_sampling, rounds, hold, full=max_batch
+        )
         pace = _Pace() if auto else None
+        waiting = deque(states)
+
+        def admit() -> None:
+            """Start waiting requests while fewer than ``max_batch`` are decoding."""
+            while waiting:
+                if max_batch is not None and len(student) + len(teacher) >= max_batch:
+                    return
+                st = waiting.popleft()
+                st.started = time.perf_counter()
+                self._dispatch(st, cfg, student, teacher)
+
         by_key = {s.key: s for s in states}
         tokens = sum(len(p) + cfg.max_new_tokens for p in prompts)
         for backend in {id(b): b for b in (self.student, self.teacher)}.values():
@@ -287,15 +308,14 @@ class RelayDecoder:
             if callable(estimate):  # the most key/value memory this decode may take
                 estimate(len(states), tokens)
         try:
-            for s in states:
-                self._dispatch(s, cfg, student, teacher)
-            while len(student) or len(teacher):
+            admit()
+            while len(student) or len(teacher) or waiting:
                 computed = False
                 for lane, after, other in (
                     (student, self._after_student, teacher),
                     (teacher, self._after_teacher, student),
                 ):
-                    if not lane.due(len(other) > 0):
+                    if not lane.due(len(other) > 0 or bool(waiting)):
                         continue
                     computed |= lane.computes and len(lane) > 0
                     t = time.perf_counter()
@@ -307,7 +327,8 @@ class RelayDecoder:
                         st = by_key[key]
                         after(st, res, cfg)
                         self._dispatch(st, cfg, student, teacher)
-                if not computed:
+                    admit()
+                if not computed and (len(student) or len(teacher)):
                     wait_for_any([student, teacher])
         finally:
             student.close()

@@ -56,7 +56,8 @@ class Lane:
 class StreamLane(Lane):
     """``hold``: while the other lane has work and this stream has no request mid-run, new
     requests wait up to ``hold`` polls for company, so that several join one forward (the
-    teacher's prefill of a hand-off costs a forward of its own; see the module docstring)."""
+    teacher's prefill of a hand-off costs a forward of its own; see the module docstring),
+    and no longer once ``full`` requests wait (a full batch)."""
 
     def __init__(
         self,
@@ -64,16 +65,19 @@ class StreamLane(Lane):
         stop_token_ids: frozenset[int],
         sampling: Sampling,
         hold: int = 0,
+        full: int | None = None,
     ):
         self.stream = backend.open_stream(stop_token_ids, sampling)  # type: ignore[attr-defined]
         self.check = getattr(backend, "check", None)
         self.hold = hold
+        self.full = full
         self.held = 0  # polls skipped since requests started waiting
 
     def due(self, others_busy: bool) -> bool:
         if not len(self.stream):
             return False
-        if self.held >= self.hold or not others_busy or self.stream.running:
+        full = self.full is not None and len(self.stream) >= self.full
+        if self.held >= self.hold or not others_busy or self.stream.running or full:
             self.held = 0
             return True
         self.held += 1
@@ -145,14 +149,15 @@ def open_lane(
     sampling: Sampling,
     rounds: bool = False,
     hold: int = 0,
+    full: int | None = None,
 ) -> Lane:
     """The lane a backend supports best (module docstring); ``rounds``: a BatchLane whatever
-    the backend (the decoder's round schedule, kept for comparison); ``hold``: a stream
-    lane's (:class:`StreamLane`)."""
+    the backend (the decoder's round schedule, kept for comparison); ``hold``, ``full``: a
+    stream lane's (:class:`StreamLane`)."""
     if rounds:
         return BatchLane(backend, stop_token_ids, sampling)
     if callable(getattr(backend, "open_stream", None)):
-        return StreamLane(backend, stop_token_ids, sampling, hold)
+        return StreamLane(backend, stop_token_ids, sampling, hold, full)
     if getattr(backend, "concurrent", False):
         return ThreadLane(backend, stop_token_ids, sampling)
     return BatchLane(backend, stop_token_ids, sampling)
