@@ -63,7 +63,7 @@ __all__ = [
 
 # train: warm-up / RL data; eval: held out for model selection during training;
 # benchmark: the final reported numbers, never looked at before the end.
-SPLITS: Final[tuple[str, ...]] = ("train", "eval", "benchmark")
+SPLITS: Final[tuple[str, ...]] = ("train", "eval", "benchmark", "calibration")
 
 # The Problem dataclass's fields, in declaration order (problem tables start with these).
 PROBLEM_COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in fields(Problem))

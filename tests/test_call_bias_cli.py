@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 
 from relaypipe import bench, cli, cli_bench
@@ -476,6 +477,8 @@ def run_report(out: Path) -> tuple[dict, str]:
             "target_share": calibration["target_share"],
             "realised_share": calibration["average"]["share"],
         }
+        differences = [b["difference"] for b in calibration["benchmarks"].values()]
+        assert calibration["max_difference"] == max(differences)
     return metrics, (out / "eval" / "report.md").read_text()
 
 
@@ -550,7 +553,70 @@ def test_evaluate_refuses_missing_held_out_problems_before_loading_models(
     _, _, held_out = evaluate.read_inputs(
         dataclasses.replace(params, calibrate=evaluate.CalibrateParams())
     )
-    assert held_out == []
+    assert held_out == {}
+
+
+def test_evaluate_calibrates_per_benchmark_on_each_calibration_set(
+    dirs, stage_dirs, scripted, tmp_path
+):
+    """calibrate.per_benchmark: one bisection per benchmark, on that benchmark's calibration
+    set; its relay rows decode with its own bias, and the report gives each bias, where it
+    landed on its set and on the benchmark."""
+    sets = tmp_path / "calibration"
+    sets.mkdir()
+    for terms in (3, 4):
+        write_problems(sets / f"arith-d1t{terms}.parquet", 12, terms=terms, split="calibration")
+    target = evaluate.CalibrateParams(target_share=0.3, n_problems=12, tol=0.1, per_benchmark=True)
+    params = eval_params(dirs, stage_dirs, tmp_path, calibrate=target, calibration_dir=str(sets))
+    # eval_problems is not read: calibration comes from the per-benchmark sets only
+    params = dataclasses.replace(params, eval_problems=str(tmp_path / "none.parquet"))
+    summary = evaluate.run(params)
+    decoding = json.loads((tmp_path / "eval" / "models.json").read_text())["decoding"]
+    assert decoding["calibration"] is None
+    assert decoding["call_bias_from"] == "evaluate.calibrate.per_benchmark"
+    each = decoding["calibration_by_benchmark"]
+    assert sorted(each) == ["arith-d1t3", "arith-d1t4"]
+    for name, cal in each.items():
+        assert cal["n_problems"] == 12 and cal["target_share"] == 0.3
+        assert cal["reached"] and abs(cal["share"] - 0.3) <= 0.1
+        assert decoding["call_bias_by_benchmark"][name] == cal["bias"]
+    assert summary["call_bias_by_benchmark"] == decoding["call_bias_by_benchmark"]
+    # each benchmark's relay rows carry (and decoded with) that benchmark's bias
+    rows = pd.read_parquet(tmp_path / "eval" / "requests.parquet")
+    relay = rows[rows["mode"] == "relay"]
+    for name, cal in each.items():
+        biases = relay.loc[relay["benchmark"] == name, "call_bias"]
+        assert len(biases) == 8 and biases.tolist() == pytest.approx([cal["bias"]] * 8, rel=1e-6)
+    # two searches on two sets (the shares seen differ), not one result copied
+    t3, t4 = ([pt["share"] for pt in each[n]["points"]] for n in ("arith-d1t3", "arith-d1t4"))
+    assert t3 != t4
+    assert set(rows.loc[rows["mode"] != "relay", "call_bias"]) == {0.0}
+
+    metrics, md = run_report(tmp_path)
+    m = metrics["calibration"]
+    assert m["per_benchmark"] is True and m["bias"] is None and m["held_out"] is None
+    assert m["reached"] is True
+    for name, cal in each.items():
+        entry = m["benchmarks"][name]
+        assert entry["bias"] == pytest.approx(cal["bias"], rel=1e-5)
+        assert entry["held_out"]["share"] == pytest.approx(cal["share"], abs=1e-6)
+        realised = metrics["benchmarks"][name]["relay"]["call_ratio"]
+        assert entry["share"] == pytest.approx(realised, abs=1e-6)
+    assert "Call bias calibrated per benchmark to a teacher share of 30.00 % (± 10.00)" in md
+    assert "| call bias |" in md and "| share on its calibration set % |" in md
+    assert "| teacher share % (target 30.00) |" in md
+
+
+def test_per_benchmark_calibration_without_a_calibration_set_says_which_and_how(
+    dirs, stage_dirs, tmp_path
+):
+    target = evaluate.CalibrateParams(target_share=0.1, per_benchmark=True)
+    params = eval_params(
+        dirs, stage_dirs, tmp_path, calibrate=target, calibration_dir=str(tmp_path / "none")
+    )
+    with pytest.raises(MissingInputError, match=r"arith-d1t3\.parquet.*calibration_n"):
+        evaluate.run(params)
+    assert not (tmp_path / "eval").exists()
 
 
 @pytest.mark.parametrize(

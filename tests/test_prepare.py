@@ -107,3 +107,55 @@ def test_a_list_of_term_counts_mixes_lengths_reproducibly_and_one_count_changes_
 def test_bad_term_counts_are_refused(terms):
     with pytest.raises(ValueError):
         PrepareParams(terms=terms)
+
+
+def test_calibration_sets_are_held_out_per_benchmark_and_change_nothing_else(tmp_path):
+    """calibration_n: problems of each benchmark's kind in data/problems/calibration, in no
+    benchmark nor train/eval; adding them leaves every other table byte-identical."""
+    fixture = tmp_path / "qa.jsonl"
+    rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(6)]
+    fixture.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def params(calibration_n: int, qa_calibration: int, out: str) -> PrepareParams:
+        return PrepareParams(
+            n_train=200,
+            n_eval=20,
+            terms=[4, 8],
+            benchmarks=[
+                BenchmarkSpec(name="arith-d1t4", terms=4, n=30, calibration_n=calibration_n),
+                BenchmarkSpec(name="arith-d1t8", terms=8, n=10, calibration_n=calibration_n),
+                BenchmarkSpec(name="qa", source=str(fixture), n=4, calibration_n=qa_calibration),
+            ],
+            out_dir=str(tmp_path / out),
+        )
+
+    run(params(0, 0, "plain"))
+    counts = run(params(25, 2, "held"))
+    assert counts["calibration/arith-d1t4"] == 25 and counts["calibration/qa"] == 2
+    for name in (
+        "train.parquet",
+        "eval.parquet",
+        *(f"benchmarks/{b}.parquet" for b in ("arith-d1t4", "arith-d1t8", "qa")),
+    ):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "held" / name).read_bytes()
+    assert list((tmp_path / "plain" / "calibration").iterdir()) == []  # written, empty
+
+    out = tmp_path / "held"
+    taken = set()
+    for name in ("train", "eval"):
+        taken |= set(pd.read_parquet(out / f"{name}.parquet").question)
+    for path in (out / "benchmarks").iterdir():
+        taken |= set(pd.read_parquet(path).question)
+    for name, terms in (("arith-d1t4", 4), ("arith-d1t8", 8)):
+        table = pd.read_parquet(out / "calibration" / f"{name}.parquet")
+        assert len(table) == 25 and set(table.split) == {"calibration"}
+        assert table.question.is_unique and not set(table.question) & taken
+        assert {q.count("+") + 1 for q in table.question} == {terms}  # the benchmark's kind
+    qa = pd.read_parquet(out / "calibration" / "qa.parquet")
+    assert list(qa.answer) == ["8", "10"]  # the rows after the benchmark's four
+
+    with pytest.raises(ValueError, match=r"qa: calibration_n 3, but .* has only 2 usable rows"):
+        run(params(0, 3, "short"))
+    assert not (tmp_path / "short").exists()  # nothing half-written
+    with pytest.raises(ValueError, match="calibration_n must be >= 0"):
+        BenchmarkSpec(name="x", n=1, calibration_n=-1)

@@ -691,6 +691,7 @@ def test_prepare_replaces_its_benchmark_folder_whole_keeping_other_files(good, t
     ]
     assert sorted(p.name for p in (tmp_path / "problems").iterdir()) == [
         "benchmarks",
+        "calibration",  # empty: no benchmark asks for calibration_n
         "eval.parquet",
         "train.parquet",
     ]

@@ -61,7 +61,11 @@ cost_usd_uncached, latency_s, ...; token, FLOP, money and latency values are mea
   none), and ``calibration``: null unless evaluate calibrated it (``evaluate.calibrate``), else
   the target teacher share, the bias, the share on the held-out problems (``held_out``) and the
   *realised* teacher share of the relay mode on each benchmark and on average (macro, as
-  ``modes.relay.call_ratio``), each with ``difference`` = |share − target|.
+  ``modes.relay.call_ratio``), each with ``difference`` = |share − target|, and
+  ``max_difference`` (the largest over the benchmarks). Calibrated per benchmark
+  (``evaluate.calibrate.per_benchmark``; ``per_benchmark: true``), each benchmark's entry also
+  carries its own ``bias``, ``reached`` and ``held_out`` (its calibration set), and the top-level
+  ``bias`` and ``held_out`` are null; ``reached`` is true only if every benchmark reached.
 * ``warnings``: the earlier stages' ``warnings`` (degenerate runs kept with ``allow_degenerate``,
   see relaypipe/checks.py) and the report's own (a relay that never called, no gap); report.md
   opens with them.
@@ -315,15 +319,30 @@ def _macro_relay(
     }
 
 
+def _held_out(calibration: Mapping[str, Any]) -> dict[str, Any]:
+    """Where one calibration landed on the problems it decoded."""
+    share = float(calibration["share"])
+    return {
+        "share": share,
+        "difference": abs(share - float(calibration["target_share"])),
+        "accuracy": float(calibration["accuracy"]),
+        "n_problems": int(calibration["n_problems"]),
+    }
+
+
 def _calibration(
-    calibration: Mapping[str, Any] | None,
+    decoding: Mapping[str, Any],
     benchmarks: Mapping[str, Mapping[str, dict[str, float]]],
     macro: Mapping[str, dict[str, float]],
 ) -> dict[str, Any] | None:
-    """summary.json's ``calibration``: the target against the relay's realised shares."""
-    if calibration is None:
+    """summary.json's ``calibration``: the target against the relay's realised shares, from
+    models.json's ``decoding`` (one calibration, or one per benchmark)."""
+    pooled = decoding.get("calibration")
+    each = decoding.get("calibration_by_benchmark")
+    if pooled is None and each is None:
         return None
-    target = float(calibration["target_share"])
+    first = pooled if pooled is not None else next(iter(each.values()))
+    target = float(first["target_share"])
 
     def against(values: Mapping[str, float] | None) -> dict[str, float | None]:
         if values is None:
@@ -331,19 +350,28 @@ def _calibration(
         share = float(values["call_ratio"])
         return {"share": share, "difference": abs(share - target)}
 
+    per_benchmark = {name: against(modes.get("relay")) for name, modes in benchmarks.items()}
+    if each is not None:
+        for name, entry in per_benchmark.items():
+            own = each[name]
+            entry.update(
+                bias=float(own["bias"]), reached=bool(own["reached"]), held_out=_held_out(own)
+            )
+    differences = [e["difference"] for e in per_benchmark.values() if e["difference"] is not None]
     return {
         "target_share": target,
-        "tol": float(calibration["tol"]),
-        "bias": float(calibration["bias"]),
-        "reached": bool(calibration["reached"]),
-        "held_out": {
-            "share": float(calibration["share"]),
-            "difference": abs(float(calibration["share"]) - target),
-            "accuracy": float(calibration["accuracy"]),
-            "n_problems": int(calibration["n_problems"]),
-        },
-        "benchmarks": {name: against(modes.get("relay")) for name, modes in benchmarks.items()},
+        "tol": float(first["tol"]),
+        "per_benchmark": each is not None,
+        "bias": None if pooled is None else float(pooled["bias"]),
+        "reached": (
+            bool(pooled["reached"])
+            if pooled is not None
+            else all(bool(c["reached"]) for c in each.values())
+        ),
+        "held_out": None if pooled is None else _held_out(pooled),
+        "benchmarks": per_benchmark,
         "average": against(macro.get("relay")),
+        "max_difference": max(differences) if differences else None,
     }
 
 
@@ -433,7 +461,7 @@ def build_metrics(
             if why:
                 notes[f"relay_vs_oracle.{panel}"] = why
 
-    calibration = _calibration(decoding.get("calibration"), benchmarks, macro)
+    calibration = _calibration(decoding, benchmarks, macro)
     metrics: dict[str, Any] = {
         "modes": {m: _round(v) for m, v in macro.items()},
         "benchmarks": {b: {m: _round(v) for m, v in ms.items()} for b, ms in benchmarks.items()},
@@ -756,19 +784,36 @@ def _calibration_lines(metrics: Mapping[str, Any], names: Sequence[str]) -> list
             "",
             f"The relay mode decoded with call bias {_bias_text(bias)} (evaluate.call_bias).",
         ]
-    held = cal["held_out"]
-    reached = "reached" if cal["reached"] else "**not reached**: the closest bias seen was used"
-    lines = [
-        "",
-        f"Call bias calibrated to a teacher share of {_pct(cal['target_share'])} % "
-        f"(± {_pct(cal['tol'])}) on {held['n_problems']} held-out problems: bias "
-        f"{_bias_text(cal['bias'])}, {_pct(held['share'])} % there ({reached}). "
-        "The relay mode's realised teacher share against that target:",
-        "",
-        "| | " + " | ".join(names) + " | average |",
-        "|---|" + "---:|" * (len(names) + 1),
-    ]
     rows = [*(cal["benchmarks"][b] for b in names), cal["average"]]
+    if cal.get("per_benchmark"):
+        lines = [
+            "",
+            f"Call bias calibrated per benchmark to a teacher share of "
+            f"{_pct(cal['target_share'])} % (± {_pct(cal['tol'])}), each on held-out problems "
+            "of its own kind (its calibration set); "
+            + ("every one reached" if cal["reached"] else "**not every one reached**")
+            + ". The relay mode's realised teacher share against that target:",
+            "",
+            "| | " + " | ".join(names) + " | average |",
+            "|---|" + "---:|" * (len(names) + 1),
+            "| call bias | " + " | ".join(_bias_text(r["bias"]) for r in rows[:-1]) + " | |",
+            "| share on its calibration set % | "
+            + " | ".join(_pct(r["held_out"]["share"]) for r in rows[:-1])
+            + " | |",
+        ]
+    else:
+        held = cal["held_out"]
+        reached = "reached" if cal["reached"] else "**not reached**: the closest bias seen was used"
+        lines = [
+            "",
+            f"Call bias calibrated to a teacher share of {_pct(cal['target_share'])} % "
+            f"(± {_pct(cal['tol'])}) on {held['n_problems']} held-out problems: bias "
+            f"{_bias_text(cal['bias'])}, {_pct(held['share'])} % there ({reached}). "
+            "The relay mode's realised teacher share against that target:",
+            "",
+            "| | " + " | ".join(names) + " | average |",
+            "|---|" + "---:|" * (len(names) + 1),
+        ]
     lines.append(
         f"| teacher share % (target {_pct(cal['target_share'])}) | "
         + " | ".join(_pct(r["share"]) for r in rows)

@@ -167,6 +167,7 @@ def evaluate_benchmarks(
     config: RelayConfig,
     batch_size: int = 100,
     *,
+    relay_biases: Mapping[str, float] | None = None,
     chat_template: bool = False,
     chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
@@ -174,23 +175,34 @@ def evaluate_benchmarks(
 
     ``decoders`` maps a student role (``MODE_PLAN``) to a decoder holding that student and the
     teacher; ``config`` carries bounds, sampling, seed and the relay's call bias, and each run
-    sets its mode and p (a relay_sweep run its own call bias).
+    sets its mode and p (a relay_sweep run its own call bias). ``relay_biases``: the relay's
+    call bias per benchmark instead of ``config``'s (a calibration per benchmark); every
+    benchmark must have one.
     ``chat_template``: prompts in the tokenizer's chat form, rendered with
     ``chat_template_kwargs`` (as in training).
     """
+    if relay_biases is not None and set(relay_biases) != set(benchmarks):
+        raise ValueError(
+            f"relay_biases covers {sorted(relay_biases)}, the benchmarks are {sorted(benchmarks)}"
+        )
     rows: list[dict] = []
     jobs = [(name, run) for name in benchmarks for run in runs]
     bar = tqdm(jobs, desc="evaluate", unit="run")
     for name, run in bar:
         bar.set_postfix_str(f"{name} {run.label}")
+        base = (
+            config
+            if relay_biases is None
+            else dataclasses.replace(config, call_bias=relay_biases[name])
+        )
         cfg = dataclasses.replace(
-            config,
+            base,
             mode=run.decoder_mode,
             router_p=max(run.router_p, 0.0),
         )
         if run.call_bias is not None:
             cfg = dataclasses.replace(cfg, call_bias=run.call_bias)
-        bias = run.row_bias(config.call_bias)
+        bias = run.row_bias(base.call_bias)
         if run.decoder_mode in UNBUDGETED:
             cfg = dataclasses.replace(cfg, max_teacher_tokens=None, max_calls=None)
         graded = decode_problems(

@@ -45,6 +45,13 @@ from (``decoding.call_bias``, ``decoding.call_bias_from``) and the calibration
 (``decoding.calibration``: target, bias, share and accuracy on the held-out set, every point;
 null when off), and the report sets the realised teacher share on each benchmark against the
 target. The bias acts only in mode relay (the other modes' decodes make no honoured calls).
+With ``calibrate.per_benchmark: true`` the stage calibrates one bias per benchmark instead, each
+on the first ``calibrate.n_problems`` of that benchmark's calibration set
+(``calibration_dir``/<name>.parquet: held-out problems of the benchmark's kind, written by
+prepare for ``prepare.benchmarks[].calibration_n``), and decodes each benchmark's relay mode with
+its own bias: the answer for a workload whose problems differ from the pooled held-out set's
+(one bias calls less on short problems and more on long ones). models.json then records
+``decoding.calibration_by_benchmark`` and ``decoding.call_bias_by_benchmark``.
 The relay_sweep biases are absolute, with or without calibration: each replaces the relay's
 bias for its run, it is not added to the calibrated one. Every row records the bias in effect
 (requests.parquet ``call_bias``: the sweep value, the relay's applied bias, 0 elsewhere).
@@ -140,6 +147,9 @@ class CalibrateParams:
     hi: float = 20.0
     max_iters: int = 12  # bisection steps after the two ends
     min_step: float = 0.001  # stop when the bracket is narrower (the share jumps there)
+    # one bias per benchmark, each on its calibration set (calibration_dir/<name>.parquet)
+    # instead of one on eval_problems
+    per_benchmark: bool = False
 
     def __post_init__(self) -> None:
         if self.target_share is not None and not (
@@ -221,6 +231,8 @@ class EvaluateParams:
     # find the relay mode's call bias for calibrate.target_share first (null: off)
     calibrate: CalibrateParams = field(default_factory=CalibrateParams)
     eval_problems: str = "data/problems/eval.parquet"  # held-out problems calibrate decodes
+    # with calibrate.per_benchmark: <name>.parquet per benchmark, its held-out problems
+    calibration_dir: str = "data/problems/calibration"
     out_dir: str = "data/eval"
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {**MOVED_TEACHER_KEYS, **MOVED_BOUNDS}
@@ -313,8 +325,16 @@ class Decoding:
     prompt_from: str  # "evaluate.chat_template" or the relay model's relay.json
     trained: RelayRecord | None  # the relay model's record, when it has one
     call_bias: float = 0.0  # mode relay's
-    call_bias_from: str = "evaluate.call_bias"  # or "evaluate.calibrate"
+    call_bias_from: str = "evaluate.call_bias"  # or "evaluate.calibrate(.per_benchmark)"
     calibration: CalibrationResult | None = None
+    # calibrate.per_benchmark: each benchmark's calibration, whose bias its relay mode uses
+    calibration_by_benchmark: dict[str, CalibrationResult] | None = None
+
+    def relay_biases(self) -> dict[str, float] | None:
+        """Mode relay's bias per benchmark, when calibrated per benchmark (else None: one)."""
+        if self.calibration_by_benchmark is None:
+            return None
+        return {name: r.bias for name, r in self.calibration_by_benchmark.items()}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -331,6 +351,16 @@ class Decoding:
             "call_bias": bias_json(self.call_bias),  # "inf" / "-inf": JSON has no infinity
             "call_bias_from": self.call_bias_from,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "calibration_by_benchmark": (
+                None
+                if self.calibration_by_benchmark is None
+                else {k: r.to_dict() for k, r in self.calibration_by_benchmark.items()}
+            ),
+            "call_bias_by_benchmark": (
+                None
+                if self.calibration_by_benchmark is None
+                else {k: bias_json(b) for k, b in (self.relay_biases() or {}).items()}
+            ),
         }
 
 
@@ -444,30 +474,50 @@ def student_roles(params: EvaluateParams) -> list[str]:
     return sorted(roles)
 
 
-def load_held_out(params: EvaluateParams) -> list[Problem]:
-    """The held-out problems calibrate decodes (the first calibrate.n_problems of
-    eval_problems), checked; none when calibrate is off (the table is not read)."""
-    if not params.calibrate.on:
-        return []
-    frame = check_table(
-        params.eval_problems,
-        ProblemSchema,
-        param="evaluate.eval_problems",
-        made_by="the prepare stage",
-        empty="the prepare stage wrote no eval problems (prepare.n_eval); re-run prepare",
-    )
-    return frame_to_problems(frame)[: params.calibrate.n_problems]
+def load_held_out(params: EvaluateParams, names: list[str]) -> dict[str | None, list[Problem]]:
+    """The held-out problems calibrate decodes, checked: ``{None: the first
+    calibrate.n_problems of eval_problems}``, or with calibrate.per_benchmark ``{benchmark:
+    the first n_problems of its calibration set}`` for each of ``names``; ``{}`` when calibrate
+    is off (nothing is read)."""
+    spec = params.calibrate
+    if not spec.on:
+        return {}
+    if not spec.per_benchmark:
+        frame = check_table(
+            params.eval_problems,
+            ProblemSchema,
+            param="evaluate.eval_problems",
+            made_by="the prepare stage",
+            empty="the prepare stage wrote no eval problems (prepare.n_eval); re-run prepare",
+        )
+        return {None: frame_to_problems(frame)[: spec.n_problems]}
+    out: dict[str | None, list[Problem]] = {}
+    for name in names:
+        made_by = (
+            f"the prepare stage, for prepare.benchmarks[{name}].calibration_n > 0 "
+            "(calibrate.per_benchmark needs a calibration set per benchmark)"
+        )
+        frame = check_table(
+            Path(params.calibration_dir) / f"{name}.parquet",
+            ProblemSchema,
+            param="evaluate.calibration_dir",
+            made_by=made_by,
+            empty=f"the prepare stage wrote an empty calibration set for {name}; re-run prepare",
+        )
+        out[name] = frame_to_problems(frame)[: spec.n_problems]
+    return out
 
 
 def read_inputs(
     params: EvaluateParams,
-) -> tuple[dict[str, list[Problem]], Decoding, list[Problem]]:
+) -> tuple[dict[str, list[Problem]], Decoding, dict[str | None, list[Problem]]]:
     """Every input, checked before any model is loaded: the benchmark tables (returned), the
-    held-out problems when calibrating (returned), the students the modes use, in-process the
+    held-out problems when calibrating (returned, see load_held_out), the students the modes
+    use, in-process the
     teacher, and the bounds and prompt format (returned; from the relay model's relay.json
     where the params are null)."""
     benchmarks = load_benchmarks(params)
-    held_out = load_held_out(params)
+    held_out = load_held_out(params, list(benchmarks))
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}
     for role in student_roles(params):
         param, made_by = STUDENT_MAKERS[role]
@@ -523,15 +573,19 @@ def calibrate_relay(
     held_out: list[Problem],
     config: RelayConfig,
     decoding: Decoding,
+    benchmark: str | None = None,
 ) -> CalibrationResult:
-    """The relay mode's call bias for ``calibrate.target_share`` on the held-out problems,
-    decoded as the benchmarks will be (``config``, prompt format, batch size)."""
+    """The relay mode's call bias for ``calibrate.target_share`` on the held-out problems (of
+    ``benchmark``, when calibrating per benchmark), decoded as the benchmarks will be
+    (``config``, prompt format, batch size)."""
     spec = params.calibrate
     assert spec.target_share is not None
+    which = f"{benchmark}'s calibration set" if benchmark else "held-out problems"
     log.info(
-        "evaluate: calibrating the relay call bias to teacher share %g on %d held-out problems",
+        "evaluate: calibrating the relay call bias to teacher share %g on %d of %s",
         spec.target_share,
         len(held_out),
+        which,
     )
     result = calibrate(
         decoder,
@@ -547,15 +601,17 @@ def calibrate_relay(
         **decoding.prompt.format_kwargs(),
     )
     if result.reached:
-        log.info("evaluate: %s", result.message)
+        log.info("evaluate: %s%s", f"{benchmark}: " if benchmark else "", result.message)
     else:
         log.warning(
             "evaluate: calibration did not reach teacher share %g (%s); the relay mode decodes "
-            "with the closest bias seen, %s (share %.4f on the held-out problems)",
+            "%s with the closest bias seen, %s (share %.4f on the %s)",
             spec.target_share,
             result.message,
+            benchmark or "every benchmark",
             format_bias(result.bias),
             result.share,
+            which,
         )
     return result
 
@@ -598,13 +654,24 @@ def run(params: EvaluateParams) -> dict:
         seed=params.seed,
     )
     with teacher, _closing(loaded), torch.inference_mode():
-        if params.calibrate.on:
-            result = calibrate_relay(params, decoders["relay"], held_out, config, decoding)
+        if params.calibrate.on and not params.calibrate.per_benchmark:
+            result = calibrate_relay(params, decoders["relay"], held_out[None], config, decoding)
             decoding = dataclasses.replace(
                 decoding,
                 call_bias=result.bias,
                 call_bias_from="evaluate.calibrate",
                 calibration=result,
+            )
+        elif params.calibrate.on:
+            by_benchmark = {
+                name: calibrate_relay(params, decoders["relay"], problems, config, decoding, name)
+                for name, problems in held_out.items()
+                if name is not None
+            }
+            decoding = dataclasses.replace(
+                decoding,
+                call_bias_from="evaluate.calibrate.per_benchmark",
+                calibration_by_benchmark=by_benchmark,
             )
         # the bias acts in decoder modes relay and fixed_help only: here, the relay mode
         config = dataclasses.replace(config, call_bias=decoding.call_bias)
@@ -614,6 +681,7 @@ def run(params: EvaluateParams) -> dict:
             decoders,
             config,
             params.batch_size,
+            relay_biases=decoding.relay_biases(),
             **decoding.prompt.format_kwargs(),
         )
         oracle_seconds = None
@@ -669,6 +737,10 @@ def run(params: EvaluateParams) -> dict:
         ],
         "call_bias": bias_json(decoding.call_bias),
     }
+    if decoding.calibration_by_benchmark is not None:
+        summary["call_bias_by_benchmark"] = {
+            k: bias_json(b) for k, b in (decoding.relay_biases() or {}).items()
+        }
     if oracle_seconds is not None:
         summary["oracle_seconds"] = oracle_seconds
     return summary

@@ -22,6 +22,15 @@ model-selection split of training. Each entry is either
 Every benchmark question is disjoint from train and eval (and from itself): repeats are dropped,
 arith redraws until it has ``n``. Not in the paper, which evaluates on public math sets only.
 
+A benchmark with ``calibration_n > 0`` also gets a *calibration set*:
+``data/problems/calibration/<name>.parquet`` (split ``calibration``), ``calibration_n`` problems
+of the benchmark's own kind that are in no benchmark, nor in train or eval. Arith draws them fresh
+from their own stream (``make_problem(..., "calibration", i)``); a dataset takes the rows after
+the benchmark's ``n`` (too few rows left fail, saying how many there are). The evaluate stage
+calibrates the relay's call bias per benchmark on them (``evaluate.calibrate.per_benchmark``):
+a workload's held-out problems, never the ones it is scored on. Drawn after everything else,
+so adding them changes no train, eval or benchmark problem.
+
 Train and eval come from the procedural arith task (``difficulty``, ``terms``) unless
 ``train_source`` names a question/answer table, with the same fields as a dataset benchmark row
 (``source``, ``split`` (default ``train``), ``config``, column mapping; e.g. the MATH train split:
@@ -77,8 +86,15 @@ class BenchmarkSpec:
     answer_column: str = "answer"
     solution_column: str | None = None
     id_column: str | None = None
+    # problems of the same kind, in no benchmark, written to out_dir/calibration/<name>.parquet
+    # for evaluate.calibrate.per_benchmark (0: none)
+    calibration_n: int = 0
 
     def __post_init__(self) -> None:
+        if self.calibration_n < 0:
+            raise ValueError(
+                f"benchmark {self.name}: calibration_n must be >= 0, got {self.calibration_n}"
+            )
         if not _NAME_RE.match(self.name):
             raise ValueError(f"benchmark name {self.name!r} must be a plain file name ([\\w.-])")
         if self.n is not None and self.n < 1:
@@ -153,26 +169,48 @@ class PrepareParams:
         )
 
 
-def arith_benchmark(spec: BenchmarkSpec, seed: int, seen: set[str]) -> list[Problem]:
-    """``spec.n`` fresh arith problems whose questions are not in ``seen`` (nor repeated)."""
+def arith_benchmark(
+    spec: BenchmarkSpec, seed: int, seen: set[str], split: str = "benchmark"
+) -> list[Problem]:
+    """Fresh arith problems whose questions are not in ``seen`` (nor repeated): ``spec.n`` of
+    the benchmark, or (``split="calibration"``) ``spec.calibration_n`` of its calibration set."""
     arith = ArithSpec(spec.difficulty, spec.terms, spec.letters)
-    assert spec.n is not None
+    n = spec.calibration_n if split == "calibration" else spec.n
+    what = f"{split} set of {spec.name}" if split == "calibration" else f"benchmark {spec.name}"
+    assert n is not None
     # The split string feeds the RNG: "benchmark" gives a stream independent of train/eval.
     out, taken, index = [], set(seen), 0
-    while len(out) < spec.n:
-        if index >= _MAX_DRAWS_PER_PROBLEM * spec.n:
+    while len(out) < n:
+        if index >= _MAX_DRAWS_PER_PROBLEM * n:
             raise ValueError(
-                f"benchmark {spec.name}: only {len(out)} of {spec.n} fresh questions in "
-                f"{index} draws; {arith.name} has too few distinct questions left"
+                f"{what}: only {len(out)} of {n} fresh questions in {index} draws; "
+                f"{arith.name} has too few distinct questions left"
             )
-        p = make_problem(arith, seed, "benchmark", index)
+        p = make_problem(arith, seed, split, index)
         index += 1
         if p.question not in taken:
             taken.add(p.question)
             out.append(p)
-    if index > spec.n:
-        log.info("benchmark %s: skipped %d repeated draws", spec.name, index - spec.n)
+    if index > n:
+        log.info("%s: skipped %d repeated draws", what, index - n)
     return out
+
+
+def dataset_calibration(spec: BenchmarkSpec, taken: set[str], rows: list[Problem]) -> list[Problem]:
+    """The first ``calibration_n`` of a dataset's rows not in ``taken`` (train, eval and every
+    benchmark) nor repeated: the rows after the benchmark's own."""
+    out, seen = [], set(taken)
+    for p in rows:
+        if p.question not in seen:
+            seen.add(p.question)
+            out.append(p)
+        if len(out) >= spec.calibration_n:
+            return out
+    raise ValueError(
+        f"benchmark {spec.name}: calibration_n {spec.calibration_n}, but {spec.source} has only "
+        f"{len(out)} usable rows beyond the benchmark's (and train/eval's); lower calibration_n "
+        "or the benchmark's n"
+    )
 
 
 def dataset_benchmark(
@@ -287,6 +325,17 @@ def run(params: PrepareParams) -> dict[str, int]:
             problems = dataset_benchmark(bench, seen, loaded[bench.name])
         benchmarks[bench.name] = problems
         counts[f"benchmark/{bench.name}"] = len(problems)
+    # Calibration sets last, avoiding every benchmark: nothing above depends on them.
+    taken = seen | {p.question for problems in benchmarks.values() for p in problems}
+    calibration = {}
+    for bench in params.benchmarks:
+        if bench.calibration_n:
+            calibration[bench.name] = (
+                arith_benchmark(bench, params.seed, taken, split="calibration")
+                if bench.source is None
+                else dataset_calibration(bench, taken, loaded[bench.name])
+            )
+            counts[f"calibration/{bench.name}"] = bench.calibration_n
 
     # All computed: the tables land together (train, eval and the benchmarks folder).
     out = Path(params.out_dir)
@@ -311,6 +360,12 @@ def run(params: PrepareParams) -> dict[str, int]:
             for name, problems in benchmarks.items():
                 frame = problems_to_frame(problems, "benchmark")
                 write_table(frame, staged / f"{name}.parquet", ProblemSchema)
+        # Written whole every run (empty without calibration sets): a DVC output must exist,
+        # and a set dropped from params must not linger.
+        staged = pub.directory(out / "calibration")
+        for name, problems in calibration.items():
+            frame = problems_to_frame(problems, "calibration")
+            write_table(frame, staged / f"{name}.parquet", ProblemSchema)
     return counts
 
 
