@@ -76,6 +76,9 @@ SMALL_PARAMS: dict[str, Any] = {
         "min_examples": 8,
         "top_up_with_reference": True,
         "allow_degenerate": True,
+        # a 4-step student is wrong nearly everywhere: every mistakes row would need more than
+        # max_commands calls and be dropped; random placement keeps these pipelines training
+        "insert": {"policy": "random"},
     },
     "sft": {
         "allow_degenerate": True,
