@@ -247,3 +247,26 @@ def no_calls(modes: Mapping[str, Mapping[str, float]]) -> str | None:
         "the relay made no teacher calls (0 teacher tokens per request): it is the student "
         "decoding alone, so there is no teacher use to reduce"
     )
+
+
+def no_better_than_router(modes: Mapping[str, Mapping[str, float]]) -> str | None:
+    """Why the relay's calls buy nothing (None: it beats the random router at its own teacher
+    share, or either was not evaluated, or it never called: :func:`no_calls` says that).
+
+    ``modes["random_router"]`` is the router curve read at the relay's call ratio, as the report
+    builds it. A relay no more accurate than a coin flip spending the same teacher tokens has
+    learned nothing about *where* to call, whatever its accuracy against the student (a call
+    bias forced far above the trained share ends here: its calls land anywhere and the
+    per-request teacher budget runs out before the steps that need it).
+    """
+    if "relay" not in modes or "random_router" not in modes:
+        return None
+    relay, router = modes["relay"], modes["random_router"]
+    if relay["teacher_tokens"] <= 0 or relay["accuracy"] > router["accuracy"]:
+        return None
+    return (
+        f"the relay ({relay['accuracy']:.4g}) is no more accurate than a random router handing "
+        f"the teacher the same share of tokens ({router['accuracy']:.4g} at call ratio "
+        f"{relay['call_ratio']:.4g}): its calls buy nothing a coin flip would not (a call bias "
+        "far above the trained share does this; see the relay's Pareto curve)"
+    )

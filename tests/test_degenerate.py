@@ -447,7 +447,31 @@ def test_report_has_no_cost_reduction_when_nothing_compares(tmp_path, kw, why):
     if why in ("made no teacher calls", "not more accurate than the student"):
         assert any(why in w for w in own) and "## Warnings" in md
     else:
-        assert own == [] and "## Warnings" not in md  # calls that bought nothing: a result
+        # calls that bought nothing: no better than a coin flip spending the same teacher tokens
+        assert len(own) == 1 and "no more accurate than a random router" in own[0]
+        assert "## Warnings" in md
+
+
+def test_a_relay_below_the_random_router_at_its_share_is_warned_about(tmp_path):
+    """Better than the student, yet no better than a random router with the same teacher
+    share: the calls bought nothing a coin flip would not, and the report says so."""
+    # the relay at 0.5 with 6 of its 10 tokens from the teacher: the router at call ratio 0.6
+    # (its p = 0.6 row) is right 0.75 of the time
+    spender = rows("b1", "relay", [1, 1, 0, 0], s=4, t=6, tp=10, ctx=12, calls=2)
+    table = [r for r in benchmark("b1") if r["mode"] != "relay"] + spender
+    report.run(report_inputs(tmp_path, table))
+    m = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert m["modes"]["relay"]["accuracy"] > m["modes"]["student"]["accuracy"]
+    assert m["modes"]["random_router"]["accuracy"] == pytest.approx(0.75)
+    (own,) = [w for w in m["warnings"] if w.startswith("report: ")]
+    assert "no more accurate than a random router" in own and "(0.5)" in own
+    assert "## Warnings" in (tmp_path / "out" / "report.md").read_text()
+    # one notch more accurate than that router: no warning
+    healthy = report_inputs(tmp_path / "ok", benchmark("b1"))
+    report.run(healthy)
+    ok = json.loads((tmp_path / "ok" / "out" / "summary.json").read_text())
+    assert ok["modes"]["relay"]["accuracy"] > ok["modes"]["random_router"]["accuracy"]
+    assert ok["warnings"] == []
 
 
 def test_report_of_a_healthy_relay_has_no_warnings(tmp_path):

@@ -67,8 +67,8 @@ cost_usd_uncached, latency_s, ...; token, FLOP, money and latency values are mea
   carries its own ``bias``, ``reached`` and ``held_out`` (its calibration set), and the top-level
   ``bias`` and ``held_out`` are null; ``reached`` is true only if every benchmark reached.
 * ``warnings``: the earlier stages' ``warnings`` (degenerate runs kept with ``allow_degenerate``,
-  see relaypipe/checks.py) and the report's own (a relay that never called, no gap); report.md
-  opens with them.
+  see relaypipe/checks.py) and the report's own (a relay that never called, no gap, a relay no
+  more accurate than the random router at its teacher share); report.md opens with them.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ from typing import Any
 
 import pandas as pd
 
-from relaypipe.checks import no_calls, no_gap
+from relaypipe.checks import no_better_than_router, no_calls, no_gap
 from relaypipe.evaluate.cost import (
     CostModel,
     Interpolated,
@@ -484,7 +484,11 @@ def build_metrics(
         # A run that learned nothing must not read like a success: these head report.md.
         "warnings": [
             *upstream_warnings,
-            *(f"report: {why}" for why in (no_calls(macro), no_gap(macro)) if why),
+            *(
+                f"report: {why}"
+                for why in (no_calls(macro), no_gap(macro), no_better_than_router(macro))
+                if why
+            ),
         ],
     }
     return metrics
