@@ -434,6 +434,8 @@ def test_evaluate_null_means_the_relay_models_record(trained, tmp_path, caplog):
         "call_bias": 0.0,  # evaluate.call_bias's default; no calibration
         "call_bias_from": "evaluate.call_bias",
         "calibration": None,
+        "calibration_by_benchmark": None,
+        "call_bias_by_benchmark": None,
     }
     rows = pd.read_parquet(tmp_path / "eval" / "requests.parquet")
     # the recorded budget binds the relay; the teacher alone, a baseline, is not cut off by it
