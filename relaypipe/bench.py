@@ -65,7 +65,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,12 @@ from relaypipe.bounds import (
     add_prompt_arguments,
     bias_json,
 )
+from relaypipe.cli_bench import teacher_hold
 from relaypipe.micro.models import ModelSize
 from relaypipe.relay.backends import GenRequest
 from relaypipe.relay.decoder import SCHEDULES, RelayConfig, RelayDecoder
 from relaypipe.relay.trace import RelayTrace
-from relaypipe.relay.transformers_backend import TransformersBackend
+from relaypipe.relay.transformers_backend import ForwardStats, TransformersBackend
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=SCHEDULES,
         default="continuous",
         help="the relay decoder's schedule (rounds: the earlier one, for comparison)",
+    )
+    p.add_argument(
+        "--teacher-hold",
+        type=teacher_hold,
+        default="auto",
+        help="student steps a new hand-off may wait for company (auto: as many as one teacher "
+        "step costs)",
     )
     p.add_argument(
         "--forward",
@@ -258,6 +266,7 @@ class _Run:
     seconds: float
     tokens: int  # generated tokens
     traces: list[RelayTrace]
+    forwards: dict[str, ForwardStats] = field(default_factory=dict)  # by model
 
     @property
     def tokens_per_s(self) -> float:
@@ -275,6 +284,8 @@ def _decode(
     next prompt joining as one finishes; prompt ``i`` is request id ``i`` whatever its chunk,
     so every request has its own RNG and router streams (as in one big batch)."""
     traces: list[RelayTrace] = []
+    dec.student.reset_stats()
+    dec.teacher.reset_stats()
     t0 = time.perf_counter()
     if refill:
         traces = dec.decode(prompts, cfg, max_batch=batch)
@@ -282,7 +293,8 @@ def _decode(
         for start in range(0, len(prompts), batch):
             traces.extend(dec.decode(prompts[start : start + batch], cfg, first_id=start))
     seconds = time.perf_counter() - t0
-    return _Run(seconds, sum(t.n_generated for t in traces), traces)
+    forwards = {"student": dec.student.reset_stats(), "teacher": dec.teacher.reset_stats()}
+    return _Run(seconds, sum(t.n_generated for t in traces), traces, forwards)
 
 
 def _prefill(backend: TransformersBackend, prompts: list[list[int]], batch: int) -> float:
@@ -330,6 +342,17 @@ def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _forward_summary(runs: Sequence[_Run]) -> dict[str, dict[str, float]]:
+    """Each model's forwards in a relay run (:class:`ForwardStats`), medians over repeats
+    field by field: how many, how many rows each, the tokens fed (padding included) and the
+    seconds they took."""
+    out = {}
+    for model in ("student", "teacher"):
+        stats = [x.forwards[model].to_dict() for x in runs]
+        out[model] = {k: _median([st[k] for st in stats]) for k in stats[0]}
+    return out
+
+
 def _floor_parts(tr: Sequence[RelayTrace], rates: dict[str, float]) -> dict[str, float]:
     """The floor of a relay run's traces at ``rates``, by part (seconds)."""
     return {
@@ -360,6 +383,7 @@ def run_benchmark(
     call_bias: float = 0.0,
     call_bias_from: str = "default",
     schedule: str = "continuous",
+    teacher_hold: int | str = "auto",
     forward: str = "lean",
     refill: bool = False,
 ) -> dict[str, Any]:
@@ -368,7 +392,8 @@ def run_benchmark(
     ``bounds`` and ``prompt``: what every decode runs under and how questions are framed
     (``decoding_from``: where they came from, for the results' config); ``call_bias``: the
     bias of the ``calls`` decode (mode relay), ``call_bias_from`` where it came from;
-    ``schedule``: the decoder's (continuous or rounds); ``forward``: ``lean`` (the hand-written
+    ``schedule``: the decoder's (continuous or rounds); ``teacher_hold``: the decoder's
+    (:class:`~relaypipe.relay.decoder.RelayDecoder`); ``forward``: ``lean`` (the hand-written
     Llama forward where it applies) or ``model`` (the model's own); ``refill``: every mode
     keeps ``batch`` requests decoding, the next prompt joining as one finishes, instead of
     decoding chunks of ``batch``."""
@@ -378,7 +403,7 @@ def run_benchmark(
     fast = None if forward == "lean" else False
     s_back = TransformersBackend(student, name="student", fast=fast)
     t_back = TransformersBackend(teacher, name="teacher", fast=fast)
-    dec = RelayDecoder(s_back, t_back, tok, schedule=schedule)
+    dec = RelayDecoder(s_back, t_back, tok, schedule=schedule, teacher_hold=teacher_hold)
     prompt = prompt or PromptFormat()
     texts = [format_prompt(q, tok, **prompt.format_kwargs()) for q in questions]
     prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
@@ -502,6 +527,7 @@ def run_benchmark(
                         for x, s in zip(runs, per["student"], strict=True)
                     ]
                 ),
+                "forwards": _forward_summary(runs),
             }
 
         for p in router_ps:
@@ -527,6 +553,7 @@ def run_benchmark(
             "call_bias_from": call_bias_from,
             "repeats": repeats,
             "schedule": schedule,
+            "teacher_hold": teacher_hold,
             "refill": refill,
             "forward": {"student": s_back.fast, "teacher": t_back.fast},
             "threads": torch.get_num_threads(),
@@ -588,6 +615,8 @@ def format_table(res: dict[str, Any]) -> str:
                 f"{rel['relay_over_student_only']:>6.2f} "
                 + " ".join(f"{fl[k]:>7.3f}" for k in FLOOR_PARTS)
             )
+            if "forwards" in rel:
+                lines.append(f"{'':>5} {'':>8} {'':>5} {'':>6}  " + _forwards_line(rel["forwards"]))
         pf, dc = row["prefill_s_per_token"], row["decode_s_per_token"]
         lines.append(
             f"{b:>5} {'per tok':>8}  prefill s/t {1e3 * pf['student']:.3f}/"
@@ -599,9 +628,19 @@ def format_table(res: dict[str, Any]) -> str:
         "p: requested router p; share: realised teacher share of the generated tokens; "
         "/floor, /teach, /stud: relay time over its floor, relay throughput over teacher-only "
         "and student-only (medians of per-repeat ratios); s dec, t dec, s pf, t pf: the floor's "
-        "parts (student and teacher decode and prefill, seconds).",
+        "parts (student and teacher decode and prefill, seconds); s fwd, t fwd: each model's "
+        "forwards in the relay run, rows per forward, tokens fed (padding included) and their "
+        "seconds (medians over repeats).",
     ]
     return "\n".join(lines)
+
+
+def _forwards_line(forwards: dict[str, dict[str, float]]) -> str:
+    return "; ".join(
+        f"{who[0]} fwd {f['forwards']:.0f} x {f['rows_per_forward']:.2f} rows, "
+        f"{f['tokens']:.0f} tok, {f['seconds']:.3f} s"
+        for who, f in forwards.items()
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -664,6 +703,7 @@ def run(args: argparse.Namespace) -> int:
             call_bias=decoding.call_bias,
             call_bias_from=decoding.call_bias_from,
             schedule=args.schedule,
+            teacher_hold=args.teacher_hold,
             forward=args.forward,
             refill=args.refill,
         )

@@ -3,6 +3,7 @@
 relaypipe bench --batch-sizes 1,8,32 --router-ps 0,0.05,0.2 --out bench.json
 relaypipe bench --pair realistic --batch-sizes 1,8 --router-ps 0.05 --repeats 5
 relaypipe bench --pair realistic --schedule rounds --forward model   # the alternatives
+relaypipe bench --pair realistic --batch-sizes 8 --teacher-hold 8    # a fixed teacher hold
 
 The options are defined here rather than taken from :mod:`relaypipe.bench` (which imports
 torch) so that ``relaypipe --help`` stays fast; tests/test_cli_fast.py checks that both define
@@ -21,6 +22,19 @@ DEFAULT_STUDENT = "data/models/student"  # relaypipe.bench.DEFAULT_STUDENT
 DEFAULT_TEACHER = "data/models/teacher"  # relaypipe.bench.DEFAULT_TEACHER
 PAIRS = ("micro", "realistic")  # relaypipe.bench.PAIRS
 SCHEDULES = ("continuous", "rounds")  # relaypipe.relay.decoder.SCHEDULES
+
+
+def teacher_hold(text: str) -> int | str:
+    """``--teacher-hold``: ``auto`` or a whole number of student steps >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'auto' or an integer >= 0, not {text!r}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +73,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the relay decoder's schedule: continuous (each step, one forward per model for "
         "the requests it holds) or rounds (the earlier one: every request with a model waits "
         "for the batch's longest call), for comparison",
+    )
+    p.add_argument(
+        "--teacher-hold",
+        type=teacher_hold,
+        default="auto",
+        help="student steps a new hand-off may wait, while the student has work, so that "
+        "several share the teacher's forward: auto (as many as one teacher step costs, measured "
+        "as it decodes) or a number (0: none)",
     )
     p.add_argument(
         "--forward",

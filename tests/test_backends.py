@@ -113,6 +113,27 @@ def test_prefix_reuse_across_calls(tiny_models, tokenizer, fast):
     assert again.prefill_tokens == 1 and again.tokens == second.tokens
 
 
+def test_forward_stats_count_what_the_forwards_fed(tiny_models, tokenizer):
+    backend = TransformersBackend(tiny_models[1])
+    ctx = ids(tokenizer, PROMPTS[1])
+    res = backend.generate([GenRequest("one", ctx, 5)])[0]
+    n = len(res.tokens)
+    stats = backend.reset_stats()
+    # one row: a forward per sampled token, the prompt then each token fed back, no padding
+    assert (stats.forwards, stats.rows, stats.tokens) == (n, n, len(ctx) + n - 1)
+    assert stats.seconds > 0 and stats.rows_per_forward == 1
+    assert backend.stats.forwards == 0  # counting starts again
+    reqs = [GenRequest(i, ids(tokenizer, p), 4) for i, p in enumerate(PROMPTS[:3])]
+    out = backend.generate(reqs)
+    stats = backend.reset_stats()
+    # every sampled token comes from a forward the row was fed in; padding only adds tokens
+    assert stats.rows == sum(len(r.tokens) for r in out)
+    fed = sum(len(r.context) + len(o.tokens) - 1 for r, o in zip(reqs, out, strict=True))
+    assert stats.tokens >= fed
+    assert max(len(o.tokens) for o in out) <= stats.forwards < stats.rows
+    assert stats.to_dict()["rows_per_forward"] == pytest.approx(stats.rows / stats.forwards)
+
+
 def test_context_diverging_from_or_shorter_than_the_cache(tiny_models, tokenizer, fast):
     model = tiny_models[1]
     backend = TransformersBackend(model, fast=fast)

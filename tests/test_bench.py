@@ -81,10 +81,19 @@ def test_bench_writes_finite_positive_ratios(pair_dirs, tmp_path, capsys):
             assert 0 <= rel["call_ratio"] <= 1
         assert row["relay"][0]["teacher_tokens"] == 0  # p = 0: the student alone
         assert row["relay"][0]["floor"]["teacher_decode"] == 0
+        # each model's forwards: none for the teacher when the student decodes alone
+        alone, shared = (r["forwards"] for r in row["relay"])
+        assert alone["teacher"]["forwards"] == 0 and alone["student"]["forwards"] > 0
+        for who in ("student", "teacher"):
+            assert shared[who]["forwards"] > 0 and shared[who]["seconds"] > 0
+            assert shared[who]["rows"] >= shared[who]["forwards"]
+            assert shared[who]["tokens"] >= shared[who]["rows"]
+    assert res["config"]["teacher_hold"] == "auto"
     # no pass/fail verdicts in the package's output, only numbers
     assert "target" not in res and "target" not in text.lower()
     table = capsys.readouterr().out
     assert "relay" in table and " 0.3 " in table
+    assert "t fwd" in table and "rows" in table
     assert "target" not in table.lower() and "MISSES" not in table and "holds" not in table
 
 
@@ -291,3 +300,22 @@ def test_bad_options_are_refused(pair_dirs):
         bench.main([*base, "--batch-sizes", "0"])
     with pytest.raises(SystemExit, match="router-ps"):
         bench.main([*base, "--router-ps", "1.5"])
+
+
+@pytest.mark.parametrize("text", ["-1", "soon", "1.5", ""])
+def test_bad_teacher_holds_are_refused(text, capsys):
+    for module in (bench, cli_bench):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--teacher-hold", text])
+        assert "--teacher-hold" in capsys.readouterr().err
+
+
+def test_a_fixed_teacher_hold_reaches_the_decoder(tiny_models, tokenizer):
+    pair = bench.Pair("micro", *tiny_models, tokenizer, "s", "t")
+    kwargs = dict(batch_sizes=[2], router_ps=[0.5], max_new_tokens=8, repeats=1)
+    res = bench.run_benchmark(pair, ["1+2", "33+4", "5+6+7", "8+9"], teacher_hold=3, **kwargs)
+    assert res["config"]["teacher_hold"] == 3
+    with pytest.raises(ValueError, match="teacher_hold"):
+        bench.run_benchmark(pair, ["1+2"], teacher_hold=-2, **kwargs)

@@ -24,6 +24,10 @@ doubling) as sequences lengthen, and it is freed once no request is cached (the 
 releases every request when its decode ends). ``kv_bytes`` is what the store holds now,
 ``kv_peak_bytes`` the most held at once.
 
+``stats`` counts what the forwards computed (:class:`ForwardStats`: forwards, rows, tokens fed
+with their padding, seconds), so a schedule can be judged by what it made the model do
+(``relaypipe bench`` reports it per model); :meth:`TransformersBackend.reset_stats` starts over.
+
 ``fast`` picks the forward (:mod:`.runners`): the lean Llama forward where supported (default),
 else the model's own. Honours each request's ``logit_bias`` (:mod:`.sampling`), on both
 forwards, cached or not.
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -85,6 +90,32 @@ def feed_groups(
         groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
+
+
+@dataclass
+class ForwardStats:
+    """What a backend's forwards computed since its last :meth:`~TransformersBackend.reset_stats`:
+    ``forwards`` (batched forwards run), ``rows`` (requests fed, summed over forwards),
+    ``tokens`` (input positions, padding included) and ``seconds`` (wall time of the forwards
+    and the sampling after each, which waits for the device)."""
+
+    forwards: int = 0
+    rows: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rows_per_forward(self) -> float:
+        return self.rows / self.forwards if self.forwards else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "forwards": self.forwards,
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "rows_per_forward": self.rows_per_forward,
+        }
 
 
 def _params_version(params: Sequence[torch.Tensor]) -> tuple[int, ...]:
@@ -183,6 +214,7 @@ class DecodeStream:
         """One forward: each row's tokens at its next columns (right-padded: the pads sit past
         what the row has written, where its later tokens overwrite them before anything
         attends to them), then each row's next token from its last real input."""
+        start = time.perf_counter()
         t = max(len(f) for f in feeds)
         pad = self.backend.pad_id
         dev = self._dev
@@ -194,6 +226,11 @@ class DecodeStream:
         for r, f in zip(rows, feeds, strict=True):
             r.next_pos += len(f)
         self._sample(rows, logits)
+        stats = self.backend.stats
+        stats.forwards += 1
+        stats.rows += len(rows)
+        stats.tokens += ids.numel()
+        stats.seconds += time.perf_counter() - start
 
     def _forward(
         self, rows: list[_Row], ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None
@@ -285,6 +322,7 @@ class TransformersBackend:
         self.kv_chunk = kv_chunk
         self.overhead_tokens = overhead_tokens  # feed_groups' price of one more forward
         self.kv_peak_bytes = 0
+        self.stats = ForwardStats()
         self._estimate_logged = 0  # the largest memory estimate logged at info level
         self._store: KVStore | None = None
         self._entries: dict[Hashable, Entry] = {}
@@ -312,6 +350,11 @@ class TransformersBackend:
     def kv_bytes(self) -> int:
         """Bytes the key/value store holds now (0 when no request is cached)."""
         return self._store.nbytes if self._store is not None else 0
+
+    def reset_stats(self) -> ForwardStats:
+        """The forward counts so far (:class:`ForwardStats`); counting starts again at zero."""
+        stats, self.stats = self.stats, ForwardStats()
+        return stats
 
     def release(self, key: Hashable) -> None:
         entry = self._entries.pop(key, None)
