@@ -255,9 +255,10 @@ def no_better_than_router(modes: Mapping[str, Mapping[str, float]]) -> str | Non
 
     ``modes["random_router"]`` is the router curve read at the relay's call ratio, as the report
     builds it. A relay no more accurate than a coin flip spending the same teacher tokens has
-    learned nothing about *where* to call, whatever its accuracy against the student (a call
-    bias forced far above the trained share ends here: its calls land anywhere and the
-    per-request teacher budget runs out before the steps that need it).
+    learned nothing about *where* to call, whatever its accuracy against the student. A call
+    bias forced far above the trained share ends here: on the micro preset at a 10 % target,
+    about six calls per problem, 15-23 % of requests spending the whole per-request teacher
+    budget (README, "One student, any teacher budget").
     """
     if "relay" not in modes or "random_router" not in modes:
         return None

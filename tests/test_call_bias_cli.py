@@ -553,7 +553,7 @@ def test_evaluate_refuses_missing_held_out_problems_before_loading_models(
     _, _, held_out = evaluate.read_inputs(
         dataclasses.replace(params, calibrate=evaluate.CalibrateParams())
     )
-    assert held_out == {}
+    assert held_out == evaluate.HeldOut()
 
 
 def test_evaluate_calibrates_per_benchmark_on_each_calibration_set(

@@ -336,6 +336,11 @@ class Decoding:
             return None
         return {name: r.bias for name, r in self.calibration_by_benchmark.items()}
 
+    def relay_biases_json(self) -> dict[str, float | str] | None:
+        """:meth:`relay_biases` as JSON writes them (an infinite bias as "inf" / "-inf")."""
+        biases = self.relay_biases()
+        return None if biases is None else {k: bias_json(b) for k, b in biases.items()}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "bounds": self.bounds.relay_kwargs(),
@@ -356,11 +361,7 @@ class Decoding:
                 if self.calibration_by_benchmark is None
                 else {k: r.to_dict() for k, r in self.calibration_by_benchmark.items()}
             ),
-            "call_bias_by_benchmark": (
-                None
-                if self.calibration_by_benchmark is None
-                else {k: bias_json(b) for k, b in (self.relay_biases() or {}).items()}
-            ),
+            "call_bias_by_benchmark": self.relay_biases_json(),
         }
 
 
@@ -474,14 +475,22 @@ def student_roles(params: EvaluateParams) -> list[str]:
     return sorted(roles)
 
 
-def load_held_out(params: EvaluateParams, names: list[str]) -> dict[str | None, list[Problem]]:
-    """The held-out problems calibrate decodes, checked: ``{None: the first
-    calibrate.n_problems of eval_problems}``, or with calibrate.per_benchmark ``{benchmark:
-    the first n_problems of its calibration set}`` for each of ``names``; ``{}`` when calibrate
-    is off (nothing is read)."""
+@dataclass(frozen=True)
+class HeldOut:
+    """The problems calibrate decodes: ``pooled``, the first calibrate.n_problems of
+    eval_problems; or (calibrate.per_benchmark) ``by_benchmark``, the first n_problems of each
+    benchmark's calibration set. Both empty when calibrate is off."""
+
+    pooled: list[Problem] = field(default_factory=list)
+    by_benchmark: dict[str, list[Problem]] = field(default_factory=dict)
+
+
+def load_held_out(params: EvaluateParams, names: list[str]) -> HeldOut:
+    """The held-out problems (:class:`HeldOut`) for benchmarks ``names``, checked; nothing is
+    read when calibrate is off."""
     spec = params.calibrate
     if not spec.on:
-        return {}
+        return HeldOut()
     if not spec.per_benchmark:
         frame = check_table(
             params.eval_problems,
@@ -490,8 +499,8 @@ def load_held_out(params: EvaluateParams, names: list[str]) -> dict[str | None, 
             made_by="the prepare stage",
             empty="the prepare stage wrote no eval problems (prepare.n_eval); re-run prepare",
         )
-        return {None: frame_to_problems(frame)[: spec.n_problems]}
-    out: dict[str | None, list[Problem]] = {}
+        return HeldOut(pooled=frame_to_problems(frame)[: spec.n_problems])
+    by_benchmark = {}
     for name in names:
         made_by = (
             f"the prepare stage, for prepare.benchmarks[{name}].calibration_n > 0 "
@@ -504,13 +513,13 @@ def load_held_out(params: EvaluateParams, names: list[str]) -> dict[str | None, 
             made_by=made_by,
             empty=f"the prepare stage wrote an empty calibration set for {name}; re-run prepare",
         )
-        out[name] = frame_to_problems(frame)[: spec.n_problems]
-    return out
+        by_benchmark[name] = frame_to_problems(frame)[: spec.n_problems]
+    return HeldOut(by_benchmark=by_benchmark)
 
 
 def read_inputs(
     params: EvaluateParams,
-) -> tuple[dict[str, list[Problem]], Decoding, dict[str | None, list[Problem]]]:
+) -> tuple[dict[str, list[Problem]], Decoding, HeldOut]:
     """Every input, checked before any model is loaded: the benchmark tables (returned), the
     held-out problems when calibrating (returned, see load_held_out), the students the modes
     use, in-process the
@@ -655,7 +664,7 @@ def run(params: EvaluateParams) -> dict:
     )
     with teacher, _closing(loaded), torch.inference_mode():
         if params.calibrate.on and not params.calibrate.per_benchmark:
-            result = calibrate_relay(params, decoders["relay"], held_out[None], config, decoding)
+            result = calibrate_relay(params, decoders["relay"], held_out.pooled, config, decoding)
             decoding = dataclasses.replace(
                 decoding,
                 call_bias=result.bias,
@@ -665,8 +674,7 @@ def run(params: EvaluateParams) -> dict:
         elif params.calibrate.on:
             by_benchmark = {
                 name: calibrate_relay(params, decoders["relay"], problems, config, decoding, name)
-                for name, problems in held_out.items()
-                if name is not None
+                for name, problems in held_out.by_benchmark.items()
             }
             decoding = dataclasses.replace(
                 decoding,
@@ -738,9 +746,7 @@ def run(params: EvaluateParams) -> dict:
         "call_bias": bias_json(decoding.call_bias),
     }
     if decoding.calibration_by_benchmark is not None:
-        summary["call_bias_by_benchmark"] = {
-            k: bias_json(b) for k, b in (decoding.relay_biases() or {}).items()
-        }
+        summary["call_bias_by_benchmark"] = decoding.relay_biases_json()
     if oracle_seconds is not None:
         summary["oracle_seconds"] = oracle_seconds
     return summary

@@ -169,16 +169,14 @@ class PrepareParams:
         )
 
 
-def arith_benchmark(
-    spec: BenchmarkSpec, seed: int, seen: set[str], split: str = "benchmark"
+def arith_problems(
+    spec: BenchmarkSpec, seed: int, seen: set[str], n: int, split: str, what: str
 ) -> list[Problem]:
-    """Fresh arith problems whose questions are not in ``seen`` (nor repeated): ``spec.n`` of
-    the benchmark, or (``split="calibration"``) ``spec.calibration_n`` of its calibration set."""
+    """``n`` fresh problems of ``spec``'s kind whose questions are not in ``seen`` (nor
+    repeated), drawn from stream ``split``; ``what`` names the set in errors and logs."""
     arith = ArithSpec(spec.difficulty, spec.terms, spec.letters)
-    n = spec.calibration_n if split == "calibration" else spec.n
-    what = f"{split} set of {spec.name}" if split == "calibration" else f"benchmark {spec.name}"
-    assert n is not None
-    # The split string feeds the RNG: "benchmark" gives a stream independent of train/eval.
+    # The split string feeds the RNG: "benchmark" and "calibration" give streams independent
+    # of train/eval and of each other.
     out, taken, index = [], set(seen), 0
     while len(out) < n:
         if index >= _MAX_DRAWS_PER_PROBLEM * n:
@@ -320,7 +318,10 @@ def run(params: PrepareParams) -> dict[str, int]:
     benchmarks = {}
     for bench in params.benchmarks:
         if bench.source is None:
-            problems = arith_benchmark(bench, params.seed, seen)
+            assert bench.n is not None
+            problems = arith_problems(
+                bench, params.seed, seen, bench.n, "benchmark", f"benchmark {bench.name}"
+            )
         else:
             problems = dataset_benchmark(bench, seen, loaded[bench.name])
         benchmarks[bench.name] = problems
@@ -331,7 +332,14 @@ def run(params: PrepareParams) -> dict[str, int]:
     for bench in params.benchmarks:
         if bench.calibration_n:
             calibration[bench.name] = (
-                arith_benchmark(bench, params.seed, taken, split="calibration")
+                arith_problems(
+                    bench,
+                    params.seed,
+                    taken,
+                    bench.calibration_n,
+                    "calibration",
+                    f"calibration set of {bench.name}",
+                )
                 if bench.source is None
                 else dataset_calibration(bench, taken, loaded[bench.name])
             )
