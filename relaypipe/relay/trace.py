@@ -48,7 +48,9 @@ class HandOff:
     delivered: int  # tokens the teacher actually returned (may stop early at EOS)
     prefill_tokens: int  # context tokens the teacher processed for this call (with its cache)
     context_tokens: int  # full teacher-view context at the call (what an uncached teacher reads)
-    seconds: float = 0.0  # wall time of the teacher call (shared by the batch it ran in)
+    # wall time from handing the span to the teacher until it came back: waiting for company
+    # (the teacher hold) and the teacher steps it shared with other requests included
+    seconds: float = 0.0
 
 
 @dataclass
@@ -75,7 +77,7 @@ class RelayTrace:
     stop_reason: str = ""
     turns: int = 0  # student generation rounds
     student_prefill_tokens: int = 0  # context tokens the student processed over all its rounds
-    seconds: float = 0.0  # wall time from the batch start until this request finished
+    seconds: float = 0.0  # wall time from this request's start (admission) until it finished
 
     def count(self, source: Source) -> int:
         return sum(1 for s in self.sources if s == source)
