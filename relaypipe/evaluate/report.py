@@ -789,17 +789,14 @@ def _calibration_lines(metrics: Mapping[str, Any], names: Sequence[str]) -> list
             f"The relay mode decoded with call bias {_bias_text(bias)} (evaluate.call_bias).",
         ]
     rows = [*(cal["benchmarks"][b] for b in names), cal["average"]]
+    target = f"a teacher share of {_pct(cal['target_share'])} % (± {_pct(cal['tol'])})"
     if cal.get("per_benchmark"):
-        lines = [
-            "",
-            f"Call bias calibrated per benchmark to a teacher share of "
-            f"{_pct(cal['target_share'])} % (± {_pct(cal['tol'])}), each on held-out problems "
-            "of its own kind (its calibration set); "
-            + ("every one reached" if cal["reached"] else "**not every one reached**")
-            + ". The relay mode's realised teacher share against that target:",
-            "",
-            "| | " + " | ".join(names) + " | average |",
-            "|---|" + "---:|" * (len(names) + 1),
+        reached = "every one reached" if cal["reached"] else "**not every one reached**"
+        intro = (
+            f"Call bias calibrated per benchmark to {target}, each on held-out problems of its "
+            f"own kind (its calibration set); {reached}."
+        )
+        own = [
             "| call bias | " + " | ".join(_bias_text(r["bias"]) for r in rows[:-1]) + " | |",
             "| share on its calibration set % | "
             + " | ".join(_pct(r["held_out"]["share"]) for r in rows[:-1])
@@ -808,16 +805,19 @@ def _calibration_lines(metrics: Mapping[str, Any], names: Sequence[str]) -> list
     else:
         held = cal["held_out"]
         reached = "reached" if cal["reached"] else "**not reached**: the closest bias seen was used"
-        lines = [
-            "",
-            f"Call bias calibrated to a teacher share of {_pct(cal['target_share'])} % "
-            f"(± {_pct(cal['tol'])}) on {held['n_problems']} held-out problems: bias "
-            f"{_bias_text(cal['bias'])}, {_pct(held['share'])} % there ({reached}). "
-            "The relay mode's realised teacher share against that target:",
-            "",
-            "| | " + " | ".join(names) + " | average |",
-            "|---|" + "---:|" * (len(names) + 1),
-        ]
+        intro = (
+            f"Call bias calibrated to {target} on {held['n_problems']} held-out problems: bias "
+            f"{_bias_text(cal['bias'])}, {_pct(held['share'])} % there ({reached})."
+        )
+        own = []
+    lines = [
+        "",
+        intro + " The relay mode's realised teacher share against that target:",
+        "",
+        "| | " + " | ".join(names) + " | average |",
+        "|---|" + "---:|" * (len(names) + 1),
+        *own,
+    ]
     lines.append(
         f"| teacher share % (target {_pct(cal['target_share'])}) | "
         + " | ".join(_pct(r["share"]) for r in rows)

@@ -522,9 +522,8 @@ def read_inputs(
 ) -> tuple[dict[str, list[Problem]], Decoding, HeldOut]:
     """Every input, checked before any model is loaded: the benchmark tables (returned), the
     held-out problems when calibrating (returned, see load_held_out), the students the modes
-    use, in-process the
-    teacher, and the bounds and prompt format (returned; from the relay model's relay.json
-    where the params are null)."""
+    use, in-process the teacher, and the bounds and prompt format (returned; from the relay
+    model's relay.json where the params are null)."""
     benchmarks = load_benchmarks(params)
     held_out = load_held_out(params, list(benchmarks))
     paths = {"student": params.student, "warmup": params.warmup, "relay": params.relay_model}

@@ -50,6 +50,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,16 +195,25 @@ def arith_problems(
     return out
 
 
+def _fresh_rows(rows: Iterable[Problem], seen: set[str], n: int | None) -> list[Problem]:
+    """The first ``n`` (None: all) of ``rows`` whose questions are not in ``seen`` nor
+    repeated."""
+    out, taken = [], set(seen)
+    for p in rows:
+        if n is not None and len(out) >= n:
+            break
+        if p.question not in taken:
+            taken.add(p.question)
+            out.append(p)
+    return out
+
+
 def dataset_calibration(spec: BenchmarkSpec, taken: set[str], rows: list[Problem]) -> list[Problem]:
     """The first ``calibration_n`` of a dataset's rows not in ``taken`` (train, eval and every
     benchmark) nor repeated: the rows after the benchmark's own."""
-    out, seen = [], set(taken)
-    for p in rows:
-        if p.question not in seen:
-            seen.add(p.question)
-            out.append(p)
-        if len(out) >= spec.calibration_n:
-            return out
+    out = _fresh_rows(rows, taken, spec.calibration_n)
+    if len(out) >= spec.calibration_n:
+        return out
     raise ValueError(
         f"benchmark {spec.name}: calibration_n {spec.calibration_n}, but {spec.source} has only "
         f"{len(out)} usable rows beyond the benchmark's (and train/eval's); lower calibration_n "
@@ -216,13 +226,8 @@ def dataset_benchmark(
 ) -> list[Problem]:
     """The dataset's rows (first ``n``) minus questions already in train/eval or repeated
     (``rows``: the dataset already loaded)."""
-    out, taken = [], set(seen)
-    for p in rows if rows is not None else load_problems(spec.dataset_spec()):
-        if p.question not in taken:
-            taken.add(p.question)
-            out.append(p)
-        if spec.n is not None and len(out) >= spec.n:
-            break
+    source = rows if rows is not None else load_problems(spec.dataset_spec())
+    out = _fresh_rows(source, seen, spec.n)
     if not out:
         raise ValueError(f"benchmark {spec.name}: no usable rows in {spec.source}")
     return out
